@@ -1,0 +1,37 @@
+# medseg developer commands. `make demo` and `make test` work on a fresh machine (they run `make install`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MEDSEG := $(VENV)/bin/medseg
+DEMO_DIR ?= demo_out
+# Without an NVIDIA GPU, pin the CPU build of torch so that no multi-GB CUDA wheels are pulled.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
+PYTEST_ARGS ?= -q -m "not slow"
+
+.PHONY: install test test-all demo lint clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check medseg tests benchmarks datasets
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+demo: install
+	bash scripts/demo.sh $(MEDSEG) $(DEMO_DIR)
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

@@ -1,0 +1,12 @@
+"""`medseg info` (placeholder until its issue lands: replace this module wholesale)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    raise NotImplementedError("medseg info is not implemented yet")

@@ -1,0 +1,82 @@
+"""Entry point of the ``medseg`` command.
+
+Each subcommand lives in ``medseg/cli/<module>.py`` and defines ``register(subparsers)``, which adds its parser
+and sets ``func=run`` (``run(args) -> int``). Subcommand modules import only argparse-level things at the top;
+torch, MONAI and friends are imported inside ``run`` so that ``medseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from medseg import __version__
+
+#: Subcommand modules, in the order ``medseg --help`` lists them (the data path: read -> ... -> evaluate).
+COMMAND_MODULES = (
+    "info",
+    "convert",
+    "check_dataset",
+    "demo_data",
+    "plan",
+    "preprocess",
+    "split",
+    "train",
+    "crossval",
+    "predict",
+    "evaluate",
+    "compare",
+    "report",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to generate the CLI reference in the docs)."""
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="2D and 3D medical image segmentation: read, plan, train, predict, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"medseg.cli.{name}")
+        module.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if verbose < 2 else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("medseg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure or user error, 2 usage error, 130 interrupted)."""
+    from medseg.errors import MedsegError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except MedsegError as exc:
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the project; tests that need it skip without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (PROJECT_ROOT / ".." / "shared" / "data").resolve()
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it sits beside the project in development and CI)")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """Callable fixture: ``shared_data("hippocampus")`` -> Path, skipping when ../shared/data is absent."""
+    return shared_path
