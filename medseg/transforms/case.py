@@ -1,0 +1,105 @@
+"""Loading one case (all channels and its label) and reorienting it to RAS, exactly and reversibly.
+
+Reorientation only permutes and flips voxel axes (nibabel's ``io_orientation``), so it never interpolates and
+its inverse is exact; an oblique affine stays oblique, its axes are merely put closest to R, A, S.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io import Volume, read_volume
+
+__all__ = ["load_case", "to_ras", "from_ras", "ras_ornt"]
+
+log = logging.getLogger(__name__)
+
+
+def load_case(images: list[Path] | list[str], label: Path | str | None = None) -> tuple[Volume, Volume | None]:
+    """Read a case's channels (one file per channel, or one multi-channel file) and its label.
+
+    Args:
+        images: channel files in channel order (a single entry may itself hold several channels).
+        label: label map file, or ``None``.
+
+    Returns:
+        ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
+
+    Raises:
+        InputError: unreadable files, channels or label on a different grid than the first channel, or a label
+            with non-integer values.
+    """
+    if not images:
+        raise InputError(None, "a case has no image files", "at least one image per case")
+    vols = [read_volume(p) for p in images]
+    first = vols[0]
+    for p, v in zip(images[1:], vols[1:]):
+        if not v.same_geometry(first, atol=1e-3):
+            raise InputError(p, f"channel grid {v.shape} differs from the first channel {first.shape} "
+                                f"({images[0]})", "all channels of a case on one voxel grid")
+    arr = np.concatenate([np.asarray(v.array, dtype=np.float32) for v in vols], axis=0)
+    image = Volume(arr, first.affine.copy(), first.spatial_dims, dict(first.meta))
+    seg = None
+    if label is not None:
+        lv = read_volume(label)
+        if lv.channels != 1:
+            raise InputError(label, f"label has {lv.channels} channels", "a single-channel integer label map")
+        if lv.shape != image.shape or not np.allclose(lv.affine, image.affine, atol=1e-3):
+            raise InputError(label, f"label grid {lv.shape} does not match its image grid {image.shape} "
+                                    f"({images[0]})", "a label on the same voxel grid as its image")
+        larr = np.asarray(lv.array)
+        if not np.issubdtype(larr.dtype, np.integer):
+            rounded = np.rint(larr)
+            if not np.array_equal(rounded, larr):
+                raise InputError(label, "label holds non-integer values", "an integer label map")
+            larr = rounded
+        seg = Volume(larr.astype(np.int16), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
+    return image, seg
+
+
+def ras_ornt(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """The nibabel orientation array taking voxel axes to (closest) RAS; identity for 2D images."""
+    import nibabel as nib
+
+    if spatial_dims == 2:
+        return np.array([[0, 1], [1, 1]], dtype=float)
+    return nib.orientations.io_orientation(affine)
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray, spatial_dims: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Permute/flip a channel-first array's voxel axes to RAS order.
+
+    Args:
+        array: ``(C, *spatial)``.
+        affine: its 4x4 voxel-to-world affine.
+        spatial_dims: 2 or 3 (2D images are left as they are).
+
+    Returns:
+        ``(array_ras, affine_ras, ornt)``; ``ornt`` is what :func:`from_ras` needs to undo it.
+    """
+    import nibabel as nib
+
+    ornt = ras_ornt(affine, spatial_dims)
+    if spatial_dims == 2 or np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return array, affine.copy(), ornt
+    shape = array.shape[1:]
+    out = np.stack([nib.orientations.apply_orientation(c, ornt) for c in array])
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return np.ascontiguousarray(out), new_affine, ornt
+
+
+def from_ras(array: np.ndarray, ornt: np.ndarray | list[Any]) -> np.ndarray:
+    """Undo :func:`to_ras` on a channel-first array (exact: a permutation and flips)."""
+    import nibabel as nib
+
+    ornt = np.asarray(ornt, dtype=float)
+    if len(ornt) == 2 or np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return array
+    identity = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    back = nib.orientations.ornt_transform(identity, ornt)
+    return np.ascontiguousarray(np.stack([nib.orientations.apply_orientation(c, back) for c in array]))
