@@ -1,0 +1,352 @@
+"""Connected-component post-processing of label maps with cc3d, and the cross-validation choice of its setting.
+
+Steps, applied in this order when enabled by a :class:`PostprocessSetting`:
+
+1. remove components smaller than ``min_size_voxels`` voxels or ``min_size_mm3`` mm^3 (per class);
+2. keep only the largest component of all foreground together (``largest_foreground``);
+3. keep only the largest component of each class in ``largest_per_class``;
+4. fill holes of the classes in ``fill_holes``: background regions enclosed by that class alone (not touching the
+   image border) take the class.
+
+Foreground components use full connectivity (26 in 3D, 8 in 2D); background regions (holes) the dual face
+connectivity (6 / 4), so that a hole never leaks through a diagonal gap.
+
+The setting of a run lives in ``RUN/postprocessing.json`` (written by crossval with
+:func:`save_postprocessing`, chosen by :func:`choose_postprocessing`); the Predictor applies it automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import ConfigError, InputError
+
+__all__ = [
+    "PostprocessSetting",
+    "postprocess",
+    "remove_small_components",
+    "keep_largest_component",
+    "fill_holes",
+    "choose_postprocessing",
+    "load_postprocessing",
+    "save_postprocessing",
+]
+
+log = logging.getLogger(__name__)
+
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
+@dataclass(frozen=True)
+class PostprocessSetting:
+    """What post-processing to apply (all off by default: the identity).
+
+    Args:
+        largest_foreground: keep only the largest connected component of all foreground classes together.
+        largest_per_class: classes reduced to their largest connected component.
+        min_size_voxels: remove components (of any class) with fewer voxels.
+        min_size_mm3: remove components with a smaller volume in mm^3 (needs the voxel spacing).
+        fill_holes: classes whose enclosed background holes are filled.
+    """
+
+    largest_foreground: bool = False
+    largest_per_class: tuple[int, ...] = field(default=())
+    min_size_voxels: int = 0
+    min_size_mm3: float = 0.0
+    fill_holes: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "largest_per_class", tuple(sorted(int(c) for c in self.largest_per_class)))
+        object.__setattr__(self, "fill_holes", tuple(sorted(int(c) for c in self.fill_holes)))
+        if self.min_size_voxels < 0 or self.min_size_mm3 < 0:
+            raise ConfigError("postprocessing.min_size", (self.min_size_voxels, self.min_size_mm3),
+                              "non-negative sizes")
+        if any(c <= 0 for c in (*self.largest_per_class, *self.fill_holes)):
+            raise ConfigError("postprocessing classes", (self.largest_per_class, self.fill_holes),
+                              "foreground class indices (>= 1)")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the setting changes nothing."""
+        return self == PostprocessSetting()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (lists instead of tuples)."""
+        d = asdict(self)
+        d["largest_per_class"] = list(self.largest_per_class)
+        d["fill_holes"] = list(self.fill_holes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PostprocessSetting:
+        """Build from :meth:`to_dict`'s form.
+
+        Raises:
+            ConfigError: unknown keys or invalid values.
+        """
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError("postprocessing", sorted(unknown), f"keys among {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------- the steps
+def _conn(ndim: int, faces: bool = False) -> int:
+    if ndim == 2:
+        return 4 if faces else 8
+    return 6 if faces else 26
+
+
+def _spatial(label: np.ndarray) -> np.ndarray:
+    """A ``(1, *s)`` label map as its spatial array (a view)."""
+    if label.ndim in (3, 4) and label.shape[0] == 1:
+        return label[0]
+    if label.ndim in (2, 3):
+        return label
+    raise ValueError(f"label must be (1, *spatial) or spatial with 2 or 3 axes, got shape {label.shape}")
+
+
+def remove_small_components(label: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Set components (per class) with fewer than ``min_voxels`` voxels to background.
+
+    Args:
+        label: integer label map, spatial ``(*s)`` (2D or 3D).
+        min_voxels: size threshold.
+
+    Returns:
+        A new label map.
+    """
+    import cc3d
+
+    if min_voxels <= 1:
+        return label.copy()
+    return cc3d.dust(label, threshold=int(min_voxels), connectivity=_conn(label.ndim), in_place=False)
+
+
+def keep_largest_component(label: np.ndarray, classes: Iterable[int] | None = None) -> np.ndarray:
+    """Keep only the largest connected component of the union of ``classes`` (all foreground when None).
+
+    Args:
+        label: integer label map, spatial.
+        classes: the classes considered together; voxels of these classes outside the largest component
+            become background, other classes are untouched.
+
+    Returns:
+        A new label map.
+    """
+    import cc3d
+
+    out = label.copy()
+    mask = label > 0 if classes is None else np.isin(label, list(classes))
+    if not mask.any():
+        return out
+    largest = cc3d.largest_k(mask, k=1, connectivity=_conn(label.ndim), binary_image=True) > 0
+    out[mask & ~largest] = 0
+    return out
+
+
+def fill_holes(label: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Fill background regions enclosed by exactly one of ``classes`` (and not touching the border).
+
+    Args:
+        label: integer label map, spatial.
+        classes: classes whose holes are filled.
+
+    Returns:
+        A new label map.
+    """
+    import cc3d
+
+    classes = set(int(c) for c in classes)
+    out = label.copy()
+    if not classes:
+        return out
+    holes, n = cc3d.connected_components(label == 0, connectivity=_conn(label.ndim, faces=True), return_N=True,
+                                         binary_image=True)
+    if n == 0:
+        return out
+    border = set()
+    for ax in range(label.ndim):
+        for idx in (0, -1):
+            border.update(np.unique(np.take(holes, idx, axis=ax)).tolist())
+    offset = int(label.max()) + 1
+    combined = np.where(holes > 0, holes.astype(np.int64) + offset, label.astype(np.int64))
+    neighbours: dict[int, set[int]] = {}
+    for a, b in cc3d.region_graph(combined, connectivity=_conn(label.ndim, faces=True)):
+        for h, other in ((a, b), (b, a)):
+            if h >= offset and other < offset:
+                neighbours.setdefault(int(h - offset), set()).add(int(other))
+    fill = np.zeros(n + 1, dtype=label.dtype)
+    for h, nb in neighbours.items():
+        if h not in border and len(nb) == 1 and next(iter(nb)) in classes:
+            fill[h] = next(iter(nb))
+    mask = holes > 0
+    values = fill[holes[mask]]
+    out[mask] = values
+    return out
+
+
+def postprocess(label: np.ndarray, setting: PostprocessSetting | dict | None,
+                spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Apply a post-processing setting to a label map.
+
+    Args:
+        label: integer label map, ``(1, *spatial)`` or ``(*spatial)``; not modified.
+        setting: a :class:`PostprocessSetting`, its dict form, or None (identity).
+        spacing: voxel size in mm per spatial axis; required when ``min_size_mm3`` is set.
+
+    Returns:
+        A new label map of the same shape and dtype.
+
+    Raises:
+        ConfigError: an invalid setting, or ``min_size_mm3`` without ``spacing``.
+    """
+    if setting is None:
+        return label.copy()
+    if isinstance(setting, dict):
+        setting = PostprocessSetting.from_dict(setting)
+    arr = _spatial(label)
+    threshold = setting.min_size_voxels
+    if setting.min_size_mm3 > 0:
+        if spacing is None:
+            raise ConfigError("postprocessing.min_size_mm3", setting.min_size_mm3, "a voxel spacing to convert mm3")
+        threshold = max(threshold, math.ceil(setting.min_size_mm3 / float(np.prod(spacing)) - 1e-9))
+    out = remove_small_components(arr, threshold) if threshold > 1 else arr.copy()
+    if setting.largest_foreground:
+        out = keep_largest_component(out)
+    for c in setting.largest_per_class:
+        out = keep_largest_component(out, [c])
+    if setting.fill_holes:
+        out = fill_holes(out, setting.fill_holes)
+    return out.reshape(label.shape).astype(label.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- choosing it
+def _dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    out = {}
+    for c in classes:
+        p, r = pred == c, ref == c
+        denom = int(p.sum()) + int(r.sum())
+        out[c] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
+    return out
+
+
+def _mean_dice(cases, setting: PostprocessSetting, classes) -> dict[int, float]:
+    totals = dict.fromkeys(classes, 0.0)
+    for pred, ref, spacing in cases:
+        d = _dice_per_class(postprocess(pred, setting, spacing), ref, classes)
+        for c in classes:
+            totals[c] += d[c]
+    return {c: totals[c] / len(cases) for c in classes}
+
+
+def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float] | None]],
+                          classes: Sequence[int], *, try_fill_holes: bool = True,
+                          min_gain: float = 1e-4) -> tuple[PostprocessSetting, dict[str, Any]]:
+    """Choose a setting on cross-validation predictions, greedily as nnU-Net does.
+
+    A step is adopted only when it raises the mean Dice (over cases) by more than ``min_gain``: first
+    "largest foreground component" judged by the mean over all foreground classes, then per class "largest
+    component" and "fill holes" judged by that class's Dice.
+
+    Args:
+        cases: ``(prediction, reference, spacing)`` per validation case (label maps of one shape each).
+        classes: foreground class indices.
+        try_fill_holes: also consider hole filling.
+        min_gain: smallest improvement that counts.
+
+    Returns:
+        The chosen setting and a report ``{"dice_before": {...}, "dice_after": {...}, "steps": [...]}`` for
+        ``postprocessing.json``.
+
+    Raises:
+        InputError: no cases, or a prediction and reference of different shapes.
+    """
+    if not cases:
+        raise InputError(None, "no validation cases to choose post-processing from", "at least one case")
+    for i, (p, r, _) in enumerate(cases):
+        if p.shape != r.shape:
+            raise InputError(f"case {i}", f"prediction shape {p.shape} differs from reference {r.shape}")
+    classes = [int(c) for c in classes]
+    setting = PostprocessSetting()
+    base = _mean_dice(cases, setting, classes)
+    current = dict(base)
+    steps: list[dict[str, Any]] = []
+
+    def mean(d):
+        return float(np.mean([d[c] for c in classes])) if classes else 0.0
+
+    trial = PostprocessSetting(largest_foreground=True)
+    scores = _mean_dice(cases, trial, classes)
+    adopted = mean(scores) > mean(current) + min_gain
+    steps.append({"step": "largest_foreground", "before": mean(current), "after": mean(scores), "adopted": adopted})
+    if adopted:
+        setting, current = trial, scores
+    for c in classes:
+        kinds = [("largest_per_class", "largest_per_class")] + ([("fill_holes", "fill_holes")] if try_fill_holes else [])
+        for name, attr in kinds:
+            d = setting.to_dict()
+            d[attr] = sorted(set(d[attr]) | {c})
+            trial = PostprocessSetting.from_dict(d)
+            scores = _mean_dice(cases, trial, classes)
+            adopted = scores[c] > current[c] + min_gain
+            steps.append({"step": f"{name}:{c}", "before": current[c], "after": scores[c], "adopted": adopted})
+            if adopted:
+                setting, current = trial, scores
+    report = {"dice_before": {str(c): v for c, v in base.items()},
+              "dice_after": {str(c): v for c, v in current.items()}, "steps": steps}
+    log.info("post-processing chosen: %s (mean Dice %.4f -> %.4f)", setting.to_dict(), mean(base), mean(current))
+    return setting, report
+
+
+def save_postprocessing(path: str | Path, setting: PostprocessSetting, report: dict[str, Any] | None = None) -> None:
+    """Write ``postprocessing.json`` (``{"version": 1, "setting": {...}, "report": {...}}``) atomically.
+
+    Args:
+        path: the file, or a run folder (the file is then ``postprocessing.json`` inside it).
+        setting: the chosen setting.
+        report: optional evidence (what :func:`choose_postprocessing` returns).
+    """
+    from medseg.io.atomic import atomic_path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / POSTPROCESSING_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"version": 1, "setting": setting.to_dict(), "report": report or {}}, indent=2))
+
+
+def load_postprocessing(path: str | Path) -> PostprocessSetting:
+    """Read the setting from ``postprocessing.json`` (a file or a run folder); absent file -> identity.
+
+    Args:
+        path: the file or the run folder.
+
+    Returns:
+        The setting (the identity when the run has none, which is logged).
+
+    Raises:
+        InputError: the file exists but is not valid JSON.
+        ConfigError: the setting has unknown keys or invalid values.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / POSTPROCESSING_FILE
+    if not path.exists():
+        log.info("no %s: predictions are not post-processed", path)
+        return PostprocessSetting()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot be read as JSON ({exc})", "a postprocessing.json written by crossval") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "does not hold a JSON object", '{"version": 1, "setting": {...}}')
+    return PostprocessSetting.from_dict(data.get("setting", data))
