@@ -1,0 +1,393 @@
+"""One fold's training loop.
+
+The loop is deliberately plain: batches from a callable ``train_batches(epoch)``, the loss, the optimiser with a
+progress-driven schedule, mixed precision (bf16 on CPUs that have it, bf16/fp16 on CUDA), gradient clipping,
+optional ``torch.compile``; validation with medseg's sliding-window engine every ``val_every`` epochs; the best
+checkpoint by the exponentially smoothed validation Dice; early stopping; ``checkpoint_latest.pt`` every
+``checkpoint_every`` epochs so that ``resume=True`` continues a killed run where it stopped; metrics.csv,
+TensorBoard events and curves.png in the fold folder. Under ``torchrun`` the network is wrapped in DDP; rank 0
+validates, logs and writes, and broadcasts when to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.training.config import TrainConfig
+from medseg.training.optim import LRSchedule, build_optimizer
+from medseg.training.record import MetricsLog, plot_curves
+
+__all__ = ["ValCase", "FoldResult", "Trainer", "resolve_device", "resolve_amp", "cpu_has_bf16", "dice_per_class"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValCase:
+    """A validation case in plan space: ``image`` (C, *s) float32 and ``label`` (1, *s) integer."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+@dataclass
+class FoldResult:
+    """What a finished fold reports."""
+
+    epochs: int
+    best_epoch: int
+    best_ema_dice: float
+    last_val_dice: float | None
+    elapsed_s: float
+    stopped_early: bool
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available (this process's local rank under torchrun), else CPU."""
+    import os
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (``auto``/``bf16``/``fp16``/``none``) on ``device``; None = float32."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class (NaN where both prediction and reference are empty).
+
+    Args:
+        pred: integer label map.
+        ref: integer label map of the same shape.
+        num_classes: K (background included).
+
+    Returns:
+        ``K - 1`` floats.
+    """
+    out = []
+    for c in range(1, num_classes):
+        p, r = pred == c, ref == c
+        denom = int(p.sum()) + int(r.sum())
+        out.append(float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom)
+    return out
+
+
+class Trainer:
+    """Train one fold.
+
+    Args:
+        network: the model (created from ``network_spec``).
+        network_spec: ``{"name": ..., "kwargs": {...}}`` stored in checkpoints so a run folder rebuilds it.
+        loss: ``loss(outputs, target)`` (see :func:`medseg.losses.build_loss`).
+        cfg: training options.
+        fold_dir: where checkpoints, metrics.csv, curves.png and TensorBoard events go.
+        train_batches: ``epoch -> iterable of {"image": (B, C, *p), "label": (B, 1, *p)}`` (deterministic per
+            epoch, so a resumed run sees the same batches).
+        val_cases: validation cases in plan space.
+        patch_size: network input patch (for the sliding-window validation).
+        num_classes: K.
+        slice_axis: for a 2D network validated on 3D cases, the axis slices are taken along; None otherwise.
+        progress: called after every epoch with a dict (epoch, progress fraction, losses, Dice, lr, eta).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        network_spec: dict[str, Any],
+        loss: nn.Module,
+        cfg: TrainConfig,
+        fold_dir: str | Path,
+        *,
+        train_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+        val_cases: Sequence[ValCase],
+        patch_size: Sequence[int],
+        num_classes: int,
+        slice_axis: int | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.fold_dir = Path(fold_dir)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.network = network.to(self.device)
+        self.network_spec = network_spec
+        self.loss = loss.to(self.device)
+        self.train_batches = train_batches
+        self.val_cases = list(val_cases)[: cfg.val_max_cases] if cfg.val_max_cases else list(val_cases)
+        self.patch_size = [int(p) for p in patch_size]
+        self.num_classes = num_classes
+        self.slice_axis = slice_axis
+        self.progress_cb = progress
+        self.extra = dict(extra or {})
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.optimizer = build_optimizer(self.network, cfg)
+        self.schedule = LRSchedule(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.model: nn.Module = self.network
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.network, device_ids=ids)
+        if cfg.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        # state that a checkpoint carries
+        self.epoch = -1  # last finished epoch
+        self.elapsed_s = 0.0
+        self.ema: float | None = None
+        self.best_ema = -math.inf
+        self.best_epoch = -1
+        self.bad_validations = 0
+        self.last_val: float | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "network": self.network_spec,
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "elapsed_s": self.elapsed_s,
+            "trainer": {"ema": self.ema, "best_ema": self.best_ema, "best_epoch": self.best_epoch,
+                        "bad_validations": self.bad_validations, "last_val": self.last_val},
+            "rng": rng_state(),
+            "patch_size": self.patch_size,
+            "num_classes": self.num_classes,
+            **self.extra,
+        }
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.network.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = int(ckpt["epoch"])
+        self.elapsed_s = float(ckpt["elapsed_s"])
+        t = ckpt["trainer"]
+        self.ema, self.best_ema, self.best_epoch = t["ema"], float(t["best_ema"]), int(t["best_epoch"])
+        self.bad_validations, self.last_val = int(t["bad_validations"]), t["last_val"]
+        set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [x.cpu() for x in v])
+                       for k, v in ckpt["rng"].items()})
+        logger.info("resumed from %s at epoch %d (%.0f s of training done)", path, self.epoch + 1, self.elapsed_s)
+
+    # ------------------------------------------------------------------ progress
+    def _progress(self, epoch_done: int) -> float:
+        p = epoch_done / self.cfg.epochs
+        if self.cfg.max_minutes:
+            p = max(p, self.elapsed_s / (60.0 * self.cfg.max_minutes))
+        return min(p, 1.0)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> tuple[float, list[float]]:
+        """Sliding-window prediction of every validation case; mean foreground Dice and per-class Dice."""
+        from medseg.inference.sliding_window import sliding_window_predict, sliding_window_predict_slices
+
+        self.network.eval()
+        scores = []
+        for case in self.val_cases:
+            img = torch.from_numpy(np.ascontiguousarray(case.image))
+            kw = {"patch_size": self.patch_size, "overlap": self.cfg.val_overlap, "batch_size": 4,
+                  "device": self.device, "amp_dtype": self.amp_dtype}
+            if self.slice_axis is not None and img.ndim == 4:
+                logits = sliding_window_predict_slices(self.network, img, slice_axis=self.slice_axis, **kw)
+            else:
+                logits = sliding_window_predict(self.network, img, **kw)
+            pred = logits.argmax(0).cpu().numpy()
+            scores.append(dice_per_class(pred, np.asarray(case.label)[0], self.num_classes))
+        self.network.train()
+        if not scores:
+            return float("nan"), []
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_class = np.nanmean(np.array(scores, dtype=np.float64), axis=0)
+        per_class = np.nan_to_num(per_class, nan=0.0)
+        return float(per_class.mean()), [float(x) for x in per_class]
+
+    # ------------------------------------------------------------------ training
+    def _train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        total, n = 0.0, 0
+        for batch in self.train_batches(epoch):
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(x)
+            loss = self.loss(out, y)
+            if not torch.isfinite(loss):
+                logger.warning("epoch %d: non-finite loss skipped", epoch)
+                continue
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            total += float(loss.detach())
+            n += 1
+        return total / max(n, 1)
+
+    def _sync(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank (DDP); unchanged otherwise."""
+        if not self.distributed:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=0)
+        return [float(v) for v in t.tolist()]
+
+    def fit(self, resume: bool = False) -> FoldResult:
+        """Train until ``epochs``, the time budget, or early stopping.
+
+        Args:
+            resume: continue from ``checkpoint_latest.pt`` in the fold folder when it exists.
+
+        Returns:
+            A :class:`FoldResult`.
+        """
+        cfg = self.cfg
+        latest = self.fold_dir / "checkpoint_latest.pt"
+        main = self.rank == 0
+        if resume and latest.is_file():
+            self._restore(latest)
+        elif main:
+            for stale in ("checkpoint_best.pt", "checkpoint_latest.pt"):
+                (self.fold_dir / stale).unlink(missing_ok=True)
+        metrics = writer = None
+        if main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsLog(self.fold_dir / "metrics.csv", resume_epoch=self.epoch if resume else None)
+            writer = _tensorboard(self.fold_dir, purge_step=self.epoch + 1)
+        stopped_early = False
+        epoch = self.epoch + 1
+        progress = self._progress(epoch)
+        while epoch < cfg.epochs and progress < 1.0:
+            lr = self.schedule.step(epoch, progress)
+            t0 = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            dt = time.perf_counter() - t0
+            self.elapsed_s += dt
+            self.epoch = epoch
+            progress, self.elapsed_s = self._sync([self._progress(epoch + 1), self.elapsed_s])
+            final = progress >= 1.0 or epoch + 1 >= cfg.epochs
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": lr,
+                                   "epoch_s": round(dt, 3), "elapsed_s": round(self.elapsed_s, 1)}
+            stop = 0.0
+            if main:
+                if (epoch + 1) % cfg.val_every == 0 or final:
+                    stop = float(self._validate_and_select(row))
+                metrics.append(row)  # type: ignore[union-attr]
+                _log_scalars(writer, row)
+                if (epoch + 1) % cfg.checkpoint_every == 0 or final or stop:
+                    save_checkpoint(latest, self._checkpoint())
+                if "val_dice" in row or final:
+                    plot_curves(metrics.rows, self.fold_dir / "curves.png")  # type: ignore[union-attr]
+                if self.progress_cb is not None:
+                    rate = self.elapsed_s / max(progress, 1e-9)
+                    self.progress_cb({**row, "progress": progress, "eta_s": rate * (1 - progress)})
+            stop = self._sync([stop])[0]
+            if stop:
+                stopped_early = True
+                logger.info("early stopping after epoch %d: no EMA Dice improvement in %d validations",
+                            epoch, cfg.patience)
+                break
+            epoch += 1
+        if writer is not None:
+            writer.close()
+        if main and not (self.fold_dir / "checkpoint_best.pt").is_file():
+            save_checkpoint(self.fold_dir / "checkpoint_best.pt", self._checkpoint())
+        return FoldResult(epochs=self.epoch + 1, best_epoch=self.best_epoch, best_ema_dice=self.best_ema,
+                          last_val_dice=self.last_val, elapsed_s=self.elapsed_s, stopped_early=stopped_early)
+
+    def _validate_and_select(self, row: dict[str, Any]) -> bool:
+        """Validate, update the EMA, save the best checkpoint; returns True when early stopping triggers."""
+        t0 = time.perf_counter()
+        dice, per_class = self.validate()
+        self.last_val = dice
+        self.ema = dice if self.ema is None else self.cfg.ema * self.ema + (1 - self.cfg.ema) * dice
+        row.update({"val_dice": round(dice, 5), "val_dice_ema": round(self.ema, 5),
+                    "val_s": round(time.perf_counter() - t0, 2)})
+        for c, d in enumerate(per_class, start=1):
+            row[f"val_dice_{c}"] = round(d, 5)
+        self.schedule.observe(self.ema)
+        if self.ema > self.best_ema:
+            self.best_ema, self.best_epoch, self.bad_validations = self.ema, self.epoch, 0
+            save_checkpoint(self.fold_dir / "checkpoint_best.pt", self._checkpoint())
+        else:
+            self.bad_validations += 1
+        logger.info("epoch %d: train loss %.4f, val Dice %.4f (EMA %.4f, best %.4f at epoch %d)", self.epoch,
+                    row["train_loss"], dice, self.ema, self.best_ema, self.best_epoch)
+        return self.cfg.patience is not None and self.bad_validations >= self.cfg.patience
+
+
+def _tensorboard(log_dir: Path, purge_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        logger.warning("tensorboard is not installed: no event files (pip install 'medseg[tensorboard]')")
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _log_scalars(writer: Any, row: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()

@@ -1,0 +1,47 @@
+"""Synthetic data and a tiny network for the trainer tests (no planning, loader or network modules needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medseg.training.trainer import ValCase
+
+
+def blob_case(seed: int, shape=(16, 16, 16)):
+    """A noisy image with a bright sphere (label 1) and a darker cube (label 2)."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.int16)
+    c = rng.integers(5, 11, size=3)
+    zz, yy, xx = np.indices(shape)
+    lab[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 9] = 1
+    o = rng.integers(1, 4, size=3)
+    lab[o[0]:o[0] + 3, o[1]:o[1] + 3, o[2]:o[2] + 3] = 2
+    img = lab.astype(np.float32) + rng.normal(0, 0.3, shape).astype(np.float32)
+    return img[None], lab[None]
+
+
+def batches_fn(n_cases=6, batch=2, per_epoch=3, seed=0):
+    cases = [blob_case(seed + i) for i in range(n_cases)]
+
+    def batches(epoch: int):
+        rng = np.random.default_rng([seed, epoch])
+        for _ in range(per_epoch):
+            idx = rng.integers(0, n_cases, size=batch)
+            yield {"image": torch.from_numpy(np.stack([cases[i][0] for i in idx])),
+                   "label": torch.from_numpy(np.stack([cases[i][1] for i in idx]).astype(np.int64))}
+
+    return batches
+
+
+def val_cases(n=2, seed=100):
+    return [ValCase(f"v{i}", *blob_case(seed + i)) for i in range(n)]
+
+
+def tiny_net(seed: int = 0):
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
+    spec = {"name": "monai_unet", "kwargs": {"channels": [4, 8], "strides": [2]}}
+    return net, spec
