@@ -1,4 +1,18 @@
-"""NIfTI-1/2 reading and writing with nibabel, keeping qform/sform codes, intent and on-disk dtype."""
+"""NIfTI-1/2 reading and writing with nibabel, keeping qform/sform codes, intent and dtype.
+
+Geometry. NIfTI's world space is RAS+ already, so the Volume affine is nibabel's ``img.affine`` (the sform when its
+code is set, else the qform) with no conversion. On writing, the affine goes into the sform, and into the qform too
+when a qform can represent it (a rotation with positive spacings, no shear); otherwise the qform code is set to 0
+so that no reader picks up an approximate qform. NIfTI stores the matrices as float32, so a round trip keeps the
+affine to float32 precision (about 1e-5 mm for positions of a few hundred mm).
+
+Shapes. ``(x, y)`` is a 2D image; ``(x, y, z)`` a 3D image (also with z = 1); ``(x, y, z, c)`` a 3D image with c
+channels (or time points: refuse them with ``read_volume(..., max_channels=1)``); ``(x, y, z, 1, c)`` (ITK's vector
+layout) c channels, 2D when z = 1. A 2D multi-channel volume is written as ``(x, y, 1, 1, c)`` with a vector intent.
+
+Dtypes. The array's dtype is written unchanged, except bool (written as uint8) and int64, which many NIfTI readers
+do not support: it is written as the smallest of uint8, int16, int32 that holds its values.
+"""
 
 from __future__ import annotations
 
@@ -39,16 +53,19 @@ def read_nifti(path: str | Path) -> Volume:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "has a non-invertible voxel-to-world affine", "a header with valid pixdim and qform/sform")
-    if data.ndim == 2:
+    spatial_dims = 3
+    if data.ndim in (2, 3):
         array = data[None]
-    elif data.ndim == 3:
-        array = data[None]
+        spatial_dims = data.ndim
     elif data.ndim == 4:
         array = np.moveaxis(data, -1, 0)
     elif data.ndim == 5 and data.shape[3] == 1:
         array = np.moveaxis(data[:, :, :, 0, :], -1, 0)
+        if data.shape[2] == 1:
+            array, spatial_dims = array[:, :, :, 0], 2
     else:
-        raise InputError(path, f"has {data.ndim} dimensions {data.shape}", "a 2D, 3D or 4D (channels) image")
+        raise InputError(path, f"has {data.ndim} dimensions {data.shape}",
+                         "a 2D, 3D or 4D (channels) image, or a 5D vector image (x, y, z, 1, c)")
     qform, qcode = hdr.get_qform(coded=True)
     sform, scode = hdr.get_sform(coded=True)
     meta = {
@@ -59,8 +76,9 @@ def read_nifti(path: str | Path) -> Volume:
         "intent": hdr.get_intent(),
         "disk_dtype": str(hdr.get_data_dtype()),
         "xyzt_units": hdr.get_xyzt_units(),
+        "file_shape": tuple(int(v) for v in data.shape),
     }
-    return Volume(np.ascontiguousarray(array), affine, array.ndim - 1, meta)
+    return Volume(np.ascontiguousarray(array), affine, spatial_dims, meta)
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | str | None = None) -> None:
@@ -69,34 +87,54 @@ def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | str | None =
     Args:
         volume: the volume; multi-channel volumes are written as 4D images.
         path: target ``.nii`` or ``.nii.gz``.
-        dtype: on-disk dtype; default: the array's dtype (or the source header's dtype when the volume came from
-            a NIfTI file and the array dtype is unchanged).
+        dtype: on-disk dtype; default: the array's dtype (bool -> uint8; int64 -> the smallest of uint8, int16,
+            int32 that holds the values).
+
+    Raises:
+        InputError: the affine is not invertible (it would make a file without usable geometry).
     """
     import nibabel as nib
 
     from medseg.io.atomic import atomic_path
 
+    if not np.all(np.isfinite(volume.affine)) or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-12:
+        raise InputError(path, "cannot be written: the volume's affine is not invertible", "an invertible affine")
     arr = volume.array
     data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
-    if volume.spatial_dims == 2 and data.ndim == 3 and arr.shape[0] != 1:
-        data = data[:, :, None, :]  # 2D multi-channel: x, y, 1, c
-    img = nib.Nifti1Image(data, volume.affine)
-    hdr = img.header
-    meta = volume.meta
+    vector_2d = volume.spatial_dims == 2 and arr.shape[0] != 1
+    if vector_2d:
+        data = data[:, :, None, None, :]  # 2D multi-channel: x, y, 1, 1, c (ITK's vector layout)
     out_dtype = np.dtype(dtype) if dtype is not None else data.dtype
     if out_dtype == np.bool_:
         out_dtype = np.dtype(np.uint8)
-    if out_dtype == np.int64 and data.size and data.min() >= 0 and data.max() < 256:
-        out_dtype = np.dtype(np.uint8)
-    hdr.set_data_dtype(out_dtype)
+    if out_dtype == np.int64 and dtype is None:
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        out_dtype = next((np.dtype(t) for t in (np.uint8, np.int16, np.int32)
+                          if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), np.dtype(np.int64))
+    if out_dtype != data.dtype:  # cast here (rounding to integers) so that nibabel never adds scl_slope scaling
+        data = np.rint(data).astype(out_dtype) if (np.issubdtype(out_dtype, np.integer)
+                                                   and np.issubdtype(data.dtype, np.floating)) \
+            else data.astype(out_dtype)
+    img = nib.Nifti1Image(data, volume.affine, dtype=out_dtype)
+    hdr = img.header
+    meta = volume.meta
     qcode = int(meta.get("qform_code", 1)) or 0
     scode = int(meta.get("sform_code", 1)) or 0
     if qcode == 0 and scode == 0:
         scode = 1  # never write a file without world geometry
-    img.set_qform(volume.affine, code=qcode)
     img.set_sform(volume.affine, code=scode)
+    img.set_qform(volume.affine, code=qcode or 1)
+    if not np.allclose(hdr.get_qform(), volume.affine, atol=1e-4):
+        log.debug("affine has shear or a reflection a qform cannot hold: writing the sform only")
+        img.set_qform(None, code=0)
+        if scode == 0:
+            img.set_sform(volume.affine, code=1)
+    elif qcode == 0:
+        img.set_qform(volume.affine, code=0)
     intent = meta.get("intent")
-    if intent and intent[0] not in ("none", None) and dtype is None:
+    if vector_2d:
+        hdr.set_intent("vector")
+    elif intent and intent[0] not in ("none", None) and dtype is None:
         try:
             hdr.set_intent(intent[0], tuple(intent[1]), name=intent[2])
         except Exception:  # an intent that does not fit the new data is dropped, not fatal

@@ -1,0 +1,157 @@
+"""NRRD (``.nrrd``/``.nhdr``) and MetaImage (``.mha``/``.mhd``) reading and writing with SimpleITK.
+
+Geometry. ITK images live in LPS+ world coordinates with ``origin``, ``spacing`` and a ``direction`` matrix whose
+columns are the world directions of the index axes; the voxel-to-world map is
+``x_lps = origin + direction @ diag(spacing) @ index``. ITK's index order ``(i, j, k)`` is medseg's voxel order;
+only its NumPy view is reversed (``GetArrayFromImage`` gives ``(k, j, i)``), so arrays are transposed. The RAS
+affine is ``diag(-1, -1, 1, 1) @ affine_lps`` (:data:`medseg.io.volume.LPS_TO_RAS`); writing applies the same
+matrix (it is its own inverse). NRRD files in other spaces (e.g. ``right-anterior-superior``) are converted to LPS by
+ITK on reading, so every file ends in medseg's RAS.
+
+Multi-component pixels (vector images) are channels. A 2D image whose affine lies in the world z = 0 plane is
+written as a 2D ITK image; any other 2D volume is written as a one-slice 3D image so that no geometry is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.io.volume import LPS_TO_RAS, Volume
+
+__all__ = ["read_itk", "write_itk", "volume_to_sitk", "sitk_to_volume"]
+
+log = logging.getLogger(__name__)
+
+
+def sitk_to_volume(img, meta: dict | None = None, *, path: str | Path | None = None) -> Volume:
+    """Convert a SimpleITK image (2D or 3D, scalar or vector) to a :class:`Volume` with a RAS affine.
+
+    Args:
+        img: ``SimpleITK.Image``.
+        meta: extra metadata for ``Volume.meta``.
+        path: the source file, for error messages.
+
+    Returns:
+        The Volume.
+
+    Raises:
+        InputError: an image with other than 2 or 3 dimensions, or a non-invertible geometry.
+    """
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
+    if dim not in (2, 3):
+        raise InputError(path, f"has {dim} dimensions {img.GetSize()}", "a 2D or 3D image")
+    arr = sitk.GetArrayFromImage(img)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:  # (..., c) -> (c, i, j[, k])
+        array = np.transpose(arr, (dim, *range(dim - 1, -1, -1)))
+    else:
+        array = np.transpose(arr, tuple(range(dim - 1, -1, -1)))[None]
+    direction = np.array(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction @ np.diag(np.array(img.GetSpacing(), dtype=np.float64))
+    affine[:dim, 3] = img.GetOrigin()
+    affine = LPS_TO_RAS @ affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "has a non-invertible voxel-to-world geometry (zero spacing or singular direction)",
+                         "an image with positive spacing and an invertible direction matrix")
+    return Volume(np.ascontiguousarray(array), affine, dim, dict(meta or {}))
+
+
+def read_itk(path: str | Path) -> Volume:
+    """Read an NRRD or MetaImage file into a :class:`Volume` (RAS affine).
+
+    Args:
+        path: ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file.
+
+    Returns:
+        The Volume; ``meta`` holds ``source`` and ``format``.
+
+    Raises:
+        InputError: missing, unreadable or corrupt file, or unsupported dimensionality.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "does not exist or is not a file")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})",
+                         f"a valid {path.suffix} file") from None
+    fmt = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "mha"
+    return sitk_to_volume(img, {"source": str(path), "format": fmt}, path=path)
+
+
+def volume_to_sitk(volume: Volume):
+    """Convert a :class:`Volume` to a SimpleITK image (LPS geometry; vector image when it has several channels).
+
+    Args:
+        volume: the volume.
+
+    Returns:
+        ``SimpleITK.Image``; 2D only when the 2D affine lies in the world z = 0 plane, else a one-slice 3D image.
+    """
+    import SimpleITK as sitk
+
+    arr = volume.array
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    affine = LPS_TO_RAS @ volume.affine
+    dim = volume.spatial_dims
+    if dim == 2 and not (np.allclose(affine[2, :2], 0) and np.allclose(affine[:2, 2], 0)
+                         and abs(affine[2, 3]) < 1e-9):
+        arr = arr[..., None]
+        dim = 3
+    spatial = tuple(range(dim, 0, -1))  # channel-first (c, i, j[, k]) -> (k, j, i)
+    if arr.shape[0] > 1:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (*spatial, 0))), isVector=True)
+    else:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr[0], tuple(s - 1 for s in spatial))))
+    m = affine[:dim, :dim]
+    spacing = np.linalg.norm(m, axis=0)
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in (m / spacing).ravel()])
+    img.SetOrigin([float(v) for v in affine[:dim, 3]])
+    return img
+
+
+def write_itk(volume: Volume, path: str | Path, dtype: np.dtype | str | None = None,
+              compress: bool = True) -> None:
+    """Write ``volume`` as NRRD or MetaImage, atomically.
+
+    Args:
+        volume: the volume (several channels become a vector image).
+        path: target ``.nrrd`` or ``.mha`` (single-file formats only).
+        dtype: on-disk dtype; default the array's dtype (bool is written as uint8).
+        compress: gzip the pixel data.
+
+    Raises:
+        InputError: a ``.nhdr``/``.mhd`` target (a header + data pair cannot be written atomically).
+    """
+    import SimpleITK as sitk
+
+    from medseg.io.atomic import atomic_path
+
+    if Path(path).suffix.lower() in (".nhdr", ".mhd"):
+        raise InputError(path, "is a detached-header format (header + separate data file)",
+                         "a single-file .nrrd or .mha output path")
+    if dtype is not None:
+        volume = volume.with_array(volume.array.astype(dtype))
+    img = volume_to_sitk(volume)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=compress)
+
+
+def _itk_reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Description:" in ln:
+            return ln.split("Description:", 1)[1].strip()[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
