@@ -1,12 +1,96 @@
-"""`medseg convert` (placeholder until its issue lands: replace this module wholesale)."""
+"""`medseg convert IN OUT`: convert between image formats keeping the geometry (DICOM series -> NIfTI, NIfTI ->
+NRRD/MHA, DICOM-SEG -> NIfTI, label map -> DICOM-SEG, ...)."""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="(not yet available)")
+    """Add the ``convert`` subcommand."""
+    p = subparsers.add_parser(
+        "convert", help="convert an image or DICOM series to NIfTI/NRRD/MHA/PNG/TIFF/DICOM-SEG",
+        description="Read IN (NIfTI, NRRD, MHA, PNG, TIFF, a DICOM series folder or a DICOM-SEG file) and write OUT "
+                    "in the format its suffix names (.nii.gz, .nii, .nrrd, .mha, .png, .tif), keeping the "
+                    "voxel-to-world geometry. OUT ending in .dcm writes a DICOM-SEG of a label map IN that "
+                    "references the DICOM series in --source. The output is written atomically.")
+    p.add_argument("input", metavar="IN", help="input image file or DICOM folder")
+    p.add_argument("output", metavar="OUT", help="output file; its suffix picks the format")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when IN holds several DICOM series")
+    p.add_argument("--dtype", help="output data type, e.g. uint8, int16, float32 (default: keep)")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="pixel spacing for PNG/TIFF input")
+    p.add_argument("--source", metavar="DICOM_DIR", help="DICOM-SEG output: the source series the label lies on")
+    p.add_argument("--labels", metavar="V=NAME,...",
+                   help="DICOM-SEG output: segment names, e.g. '1=liver,2=tumour' (default: 'label V')")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    raise NotImplementedError("medseg convert is not implemented yet")
+def _parse_labels(text: str | None, values) -> dict[int, str]:
+    from medseg.errors import ConfigError
+
+    if not text:
+        return {int(v): f"label {int(v)}" for v in values if int(v) != 0}
+    out = {}
+    for item in text.split(","):
+        key, sep, name = item.partition("=")
+        try:
+            out[int(key)] = name.strip()
+        except ValueError:
+            raise ConfigError("--labels", text, "comma-separated VALUE=NAME pairs, e.g. '1=liver,2=tumour'") from None
+        if not sep or not name.strip():
+            raise ConfigError("--labels", text, "comma-separated VALUE=NAME pairs, e.g. '1=liver,2=tumour'")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert; returns 0 (user errors raise InputError/ConfigError, printed by the CLI)."""
+    import logging
+    from pathlib import Path
+
+    import numpy as np
+
+    from medseg.errors import ConfigError, InputError
+    from medseg.io import read_volume, write_volume
+    from medseg.io.registry import format_of
+
+    src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise InputError(src, "does not exist")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise InputError(dst, "is the input itself", "an output path different from the input (inputs are never "
+                         "modified)")
+    if dst.is_dir():
+        raise InputError(dst, "is a folder", "an output file path such as out.nii.gz")
+    if dst.exists() and not args.overwrite:
+        raise InputError(dst, "already exists", "a new path, or --overwrite to replace it")
+    is_seg_out = dst.suffix.lower() == ".dcm"
+    if not is_seg_out:
+        format_of(dst)  # unknown output suffix -> InputError before reading anything
+    kwargs = {}
+    in_format = format_of(src)
+    if args.series and in_format == "dicom":
+        kwargs["series_uid"] = args.series
+    if args.spacing and in_format not in ("png", "tiff"):
+        raise ConfigError("--spacing", args.spacing, "no value: only PNG/TIFF inputs take a spacing (others store one)")
+    if args.spacing:
+        kwargs["spacing"] = tuple(args.spacing) if len(args.spacing) > 1 else args.spacing[0]
+    volume = read_volume(src, **kwargs)
+    if args.dtype:
+        try:
+            dtype = np.dtype(args.dtype)
+        except TypeError:
+            raise ConfigError("--dtype", args.dtype, "a NumPy dtype name such as uint8, int16, float32") from None
+        volume = volume.with_array(volume.array.astype(dtype))
+    if is_seg_out:
+        from medseg.io.dicom_seg import write_dicom_seg
+
+        if not args.source:
+            raise ConfigError("--source", None, "the DICOM series folder the label map lies on (for .dcm output)")
+        labels = _parse_labels(args.labels, np.unique(volume.array))
+        write_dicom_seg(volume, args.source, dst, labels, series_uid=args.series)
+    else:
+        write_volume(volume, dst)
+    logging.getLogger(__name__).debug("converted %s -> %s", src, dst)
+    print(f"wrote {dst}  ({' x '.join(map(str, volume.shape))}, {volume.array.dtype}, {volume.orientation()})")
+    return 0
