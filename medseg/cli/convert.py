@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--source", metavar="DICOM_DIR", help="DICOM-SEG output: the source series the label lies on")
     p.add_argument("--labels", metavar="V=NAME,...",
                    help="DICOM-SEG output: segment names, e.g. '1=liver,2=tumour' (default: 'label V')")
+    p.add_argument("--expect", choices=("2d", "3d"),
+                   help="refuse IN unless it is a one-channel 2D or 3D image (e.g. a 4D NIfTI where 3D is expected)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--spacing", args.spacing, "no value: only PNG/TIFF inputs take a spacing (others store one)")
     if args.spacing:
         kwargs["spacing"] = tuple(args.spacing) if len(args.spacing) > 1 else args.spacing[0]
+    if args.expect:
+        kwargs.update(spatial_dims=int(args.expect[0]), max_channels=1)
     volume = read_volume(src, **kwargs)
     if args.dtype:
         try:
