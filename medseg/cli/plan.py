@@ -1,12 +1,70 @@
-"""`medseg plan` (placeholder until its issue lands: replace this module wholesale)."""
+"""`medseg plan DATASET -o plan.json`: fingerprint a data set and write its plan."""
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="(not yet available)")
+    """Add the ``plan`` subcommand."""
+    p = subparsers.add_parser(
+        "plan", help="fingerprint a data set and write its plan (spacing, normalisation, patch, batch, network)",
+        description="Fingerprint DATASET (spacings, shapes, foreground intensities, class frequencies, modality) "
+                    "and turn it into a plan JSON that preprocessing, training and inference read.")
+    p.add_argument("dataset", help="data set folder (MSD / nnU-Net layout) or manifest CSV")
+    p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default: plan.json)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="size network, patch and batch for this training device (default: cpu)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="GPU memory budget in GB for --device cuda (default: 8)")
+    p.add_argument("--max-cases", type=int, default=None, metavar="N",
+                   help="fingerprint at most N cases, evenly spread (default: all)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    raise NotImplementedError("medseg plan is not implemented yet")
+def format_plan(plan: dict) -> str:
+    """A readable multi-line summary of a plan."""
+    fp = plan.get("fingerprint", {})
+    lines = [
+        f"data set      {plan['dataset']}: {fp.get('num_cases', '?')} cases, {plan['spatial_dims']}D, "
+        f"{plan['in_channels']} channel(s) {fp.get('modalities', '')}",
+        "labels        " + ", ".join(f"{k}={v}" for k, v in plan["labels"].items()),
+        f"median spacing {_fmt(fp.get('median_spacing', []), '.3g')} mm, median shape "
+        f"{_fmt(fp.get('median_shape', []), '.0f')}",
+    ]
+    for c, n in enumerate(plan["normalization"]):
+        extra = f" clip [{n['clip'][0]:.4g}, {n['clip'][1]:.4g}] mean {n['mean']:.4g} std {n['std']:.4g}" \
+            if n["scheme"] == "ct" else (" inside nonzero mask" if n.get("use_nonzero_mask") else " per image")
+        lines.append(f"channel {c}     {n['scheme']}{extra}")
+    lines.append(f"device        {plan.get('device', '?')}"
+                 + (f" ({plan['memory_gb']:g} GB)" if plan.get("memory_gb") else ""))
+    for name, cfg in plan["configurations"].items():
+        net = cfg["network"]["kwargs"]
+        sp = ["-" if s is None else f"{s:.3g}" for s in cfg["spacing"]]
+        lines.append(f"{name:<13} spacing {' x '.join(sp)} mm | patch {_fmt(cfg['patch_size'], 'd')} | "
+                     f"batch {cfg['batch_size']} | pools/axis {_fmt(cfg['pools_per_axis'], 'd')} | "
+                     f"features {net['features'][0]}-{net['features'][-1]} ({len(net['features'])} stages) | "
+                     f"mirror {cfg['mirror_axes']}"
+                     + (f" | slices across axis {cfg['slice_axis']}" if cfg.get("slicewise") else ""))
+    return "\n".join(lines)
+
+
+def _fmt(values, spec: str) -> str:
+    return " x ".join(format(v, spec) for v in values)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fingerprint, plan, write, print."""
+    from medseg.data.manifest import load_manifest
+    from medseg.errors import ConfigError
+    from medseg.planning import fingerprint, make_plan, save_plan
+
+    if args.max_cases is not None and args.max_cases < 1:
+        raise ConfigError("--max-cases", args.max_cases, "a positive number of cases")
+    manifest = load_manifest(args.dataset)
+    fp = fingerprint(manifest, max_cases=args.max_cases)
+    plan = make_plan(fp, device=args.device, memory_gb=args.gpu_memory)
+    save_plan(plan, args.output)
+    print(format_plan(plan))
+    print(f"plan written to {args.output}")
+    return 0
