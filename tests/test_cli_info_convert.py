@@ -115,3 +115,15 @@ def test_convert_label_to_dicom_seg_and_back(tmp_path):
     np.testing.assert_array_equal(back.array, lab)
     assert main(["convert", str(seg), str(tmp_path / "back.nii.gz")]) == 0
     np.testing.assert_array_equal(read_volume(tmp_path / "back.nii.gz").array, lab)
+
+
+def test_info_reports_non_finite_and_bad_spacing_is_one_line(tmp_path, capsys):
+    arr = np.ones((1, 3, 4, 5), np.float32)
+    arr[0, 1, 1, 1] = np.nan
+    write_volume(Volume(arr, np.eye(4)), tmp_path / "nan.nii.gz")
+    assert main(["info", str(tmp_path / "nan.nii.gz")]) == 0
+    assert "non-finite   1 voxels" in capsys.readouterr().out
+    write_volume(Volume(np.ones((1, 8, 4), np.uint8), np.eye(4)), tmp_path / "p.png")
+    assert main(["convert", str(tmp_path / "p.png"), str(tmp_path / "o.nii.gz"), "--spacing", "-1"]) == 1
+    assert capsys.readouterr().err.strip() == ("medseg convert: error: spacing=-1.0 is invalid; expected one or 2 "
+                                               "positive numbers (mm)")

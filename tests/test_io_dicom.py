@@ -224,3 +224,21 @@ def test_shared_series_geometry_and_convert(shared_data, tmp_path, name, capsys)
     np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), LPS_TO_RAS[:3, :3] @ vol.direction, atol=1e-4)
     np.testing.assert_allclose(nib.load(out).affine, vol.affine, atol=1e-4)
     np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), vol.array[0])
+
+
+def test_single_file_and_multiframe(tmp_path):
+    ct = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    vol = read_volume(ct)
+    img = sitk.ReadImage(str(ct))
+    assert vol.shape == (128, 128, 1)
+    np.testing.assert_allclose(LPS_TO_RAS @ vol.affine @ [0, 0, 0, 1], [*img.GetOrigin(), 1], atol=1e-4)
+    np.testing.assert_allclose(vol.spacing[:2], img.GetSpacing()[:2], atol=1e-6)
+    np.testing.assert_array_equal(vol.array[0, :, :, 0], sitk.GetArrayFromImage(img)[0].T)
+    write_series(tmp_path / "mf", [np.zeros(3)])
+    path = next((tmp_path / "mf").iterdir())
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData * 3
+    ds.save_as(path)
+    with pytest.raises(InputError, match="multi-frame"):
+        read_volume(tmp_path / "mf")

@@ -36,7 +36,9 @@ def _spacing_tuple(spacing: float | Sequence[float] | None, ndim: int) -> tuple[
         if len(values) == 2 and ndim == 3:
             values = (*values, 1.0)
     if len(values) != ndim or any(not np.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"spacing must be {ndim} positive numbers, got {spacing!r}")
+        from medseg.errors import ConfigError
+
+        raise ConfigError("spacing", spacing, f"one or {ndim} positive numbers (mm)")
     return values
 
 
@@ -52,6 +54,7 @@ def read_image2d(path: str | Path, spacing: float | Sequence[float] | None = Non
 
     Raises:
         InputError: missing or unreadable file.
+        ConfigError: ``spacing`` is not one or one-per-axis positive numbers.
     """
     import SimpleITK as sitk
 
