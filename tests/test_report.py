@@ -144,3 +144,36 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run([str(CHROMIUM), *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert dom.count("<figure class=\"case\"") == 3 and "data:image/png;base64," in dom
+
+
+def test_run_with_attention_unet_shows_gate_maps(tmp_path):
+    """A (untrained) Attention U-Net run folder: the report embeds the gate maps of the chosen case."""
+    torch = pytest.importorskip("torch")
+    networks = pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
+    spec = {"name": "attention_unet", "kwargs": {"features": [4, 8], "strides": [1, 2], "kernel_sizes": [3, 3]}}
+    plan = {"version": 1, "dataset": "synthetic", "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
+            "labels": {"0": "background", "1": "front", "2": "back"},
+            "normalization": [{"scheme": "zscore", "mean": 100.0, "std": 10.0, "clip": None,
+                               "use_nonzero_mask": False}],
+            "configurations": {"3d_fullres": {"spacing": [1.5, 1.5, 1.5], "patch_size": [16, 16, 16],
+                                              "batch_size": 2, "network": spec, "mirror_axes": [],
+                                              "slicewise": False}}}
+    run = tmp_path / "run"
+    _write_cases(tmp_path, 2, np.random.default_rng(5), fold_dirs=[run / "fold_0" / "validation"])
+    (run / "plan.json").write_text(json.dumps(plan))
+    (run / "model.json").write_text(json.dumps({"configuration": "3d_fullres", "folds": [0], "num_classes": 3,
+                                                "network": spec, "labels": plan["labels"]}))
+    torch.manual_seed(0)
+    net = networks.create_model("attention_unet", spatial_dims=3, in_channels=1, out_channels=3, **spec["kwargs"])
+    torch.save({"network": networks.model_spec(net), "state_dict": net.state_dict(), "epoch": 0},
+               run / "fold_0" / "checkpoint_best.pt")
+    out = build_report(run, ref_dir=tmp_path / "labels", image_dir=tmp_path / "images", attention_case="case_01",
+                       n_boot=20)
+    text = out.read_text()
+    section = text[text.index("id='attention-gates'"):]
+    pngs = _pngs(section)
+    assert len(pngs) == 1 and "Gate coefficients (0 to 1) of 1 gates on a 16x16x16 patch" in section
+    Path(tmp_path / "gates.png").write_bytes(pngs[0])
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(tmp_path / "gates.png").shape[1] >= 2 * 200  # input + one gate panel
