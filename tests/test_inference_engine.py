@@ -19,6 +19,15 @@ from medseg.inference.sliding_window import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's cores are shared: one torch thread avoids spin-wait contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _net(nd: int, cin: int, k: int, *, valid: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     conv = nn.Conv3d if nd == 3 else nn.Conv2d

@@ -1,0 +1,324 @@
+"""Predictor and `medseg predict` on a tiny run folder trained here on synthetic data (oblique, anisotropic).
+
+The run folder follows docs/architecture.md: plan.json (hand-written, minimal), model.json, fold_K/checkpoint_*.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medseg.cli.main import main
+from medseg.inference import Predictor
+from medseg.inference.batch import discover_cases, parse_shard, shard_cases
+from medseg.inference.sliding_window import sliding_window_predict_slices
+from medseg.io import Volume, read_volume
+from medseg.io.nifti import write_nifti
+
+PLAN = {
+    "version": 1, "dataset": "synthetic", "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
+    "labels": {"0": "background", "1": "left", "2": "right"},
+    "normalization": [{"scheme": "zscore", "mean": 0.0, "std": 1.0, "clip": None, "use_nonzero_mask": False}],
+    "configurations": {
+        "3d_fullres": {"spacing": [1.5, 1.5, 1.5], "patch_size": [16, 16, 16], "batch_size": 2,
+                       "network": {"name": "unet", "kwargs": {"features": [4, 8], "strides": [1, 2],
+                                                              "kernel_sizes": [3, 3], "norm": "instance"}},
+                       "mirror_axes": [0, 1, 2], "slicewise": False},
+        "2d": {"spacing": [1.5, 1.5, None], "patch_size": [16, 16], "batch_size": 4, "slice_axis": 2,
+               "network": {"name": "unet", "kwargs": {"features": [4, 8], "strides": [1, 2], "kernel_sizes": [3, 3]}},
+               "mirror_axes": [0, 1], "slicewise": True},
+    },
+}
+
+
+def _rotation(seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def synthetic_case(seed: int, shape=(28, 24, 14), spacing=(1.1, 0.9, 2.5), oblique: bool = True):
+    """(image Volume, label Volume): an ellipsoid split in two classes, in noise, with an oblique affine."""
+    rng = np.random.default_rng(seed)
+    sp = np.asarray(spacing)
+    coords = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, sp)], indexing="ij"), -1)
+    center = np.asarray(shape) * sp / 2 + rng.uniform(-3, 3, 3)
+    radii = rng.uniform(7, 10, 3)
+    inside = (((coords - center) / radii) ** 2).sum(-1) < 1
+    label = np.where(inside, np.where(coords[..., 0] < center[0], 1, 2), 0).astype(np.uint8)
+    image = 1.0 + 2.0 * (label == 1) + 4.0 * (label == 2) + rng.normal(0, 0.4, shape)
+    affine = np.eye(4)
+    affine[:3, :3] = (_rotation(seed) if oblique else np.eye(3)) * sp
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    return (Volume(image[None].astype(np.float32), affine, 3, {"qform_code": 1, "sform_code": 1}),
+            Volume(label[None], affine, 3))
+
+
+def _train(model_dir: Path, config: str, fold: int, steps: int, ckpt_name: str) -> None:
+    from medseg.networks import create_model, model_spec
+    from medseg.transforms.preprocess import preprocess_volume
+
+    cfg = PLAN["configurations"][config]
+    dims = 2 if cfg["slicewise"] else 3
+    torch.manual_seed(fold)
+    net = create_model(cfg["network"]["name"], spatial_dims=dims, in_channels=1, out_channels=3,
+                       **cfg["network"]["kwargs"])
+    if steps:
+        cases = [synthetic_case(100 + i) for i in range(3)]
+        data = [preprocess_volume(img, PLAN, config, lab) for img, lab in cases]
+        opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+        rng = np.random.default_rng(fold)
+        net.train()
+        for _ in range(steps):
+            xs, ys = [], []
+            for _ in range(2):
+                img, seg, _ = data[rng.integers(len(data))]
+                pads = [(0, 0)] + [(0, max(0, 16 - s)) for s in img.shape[1:]]
+                img, seg = np.pad(img, pads, mode="reflect"), np.pad(seg, pads)
+                lo = [rng.integers(0, s - 15) for s in img.shape[1:]]
+                sl = (slice(None), *[slice(a, a + 16) for a in lo])
+                xs.append(img[sl])
+                ys.append(seg[sl][0])
+            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(np.stack(xs))),
+                                                     torch.from_numpy(np.stack(ys)).long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    (model_dir / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+    torch.save({"network": model_spec(net), "state_dict": net.state_dict(), "epoch": steps},
+               model_dir / f"fold_{fold}" / ckpt_name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's cores are shared: one torch thread avoids spin-wait contention (40x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 3d_fullres run with two trained folds (fold 1 has only checkpoint_latest.pt)."""
+    pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
+    root = tmp_path_factory.mktemp("run")
+    (root / "plan.json").write_text(json.dumps(PLAN))
+    (root / "model.json").write_text(json.dumps({"configuration": "3d_fullres", "folds": [0, 1], "num_classes": 3,
+                                                 "network": PLAN["configurations"]["3d_fullres"]["network"],
+                                                 "labels": PLAN["labels"]}))
+    _train(root, "3d_fullres", 0, 25, "checkpoint_best.pt")
+    _train(root, "3d_fullres", 1, 5, "checkpoint_latest.pt")
+    return root
+
+
+def _dice(a, b) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_oblique_anisotropic_nifti_geometry_and_overlap(run_dir, tmp_path):
+    image, truth = synthetic_case(7)
+    write_nifti(image, tmp_path / "case.nii.gz")
+    vol = read_volume(tmp_path / "case.nii.gz")
+    pred = Predictor.from_run(run_dir, device="cpu").predict(vol)
+    assert pred.array.dtype == np.uint8 and pred.shape == vol.shape
+    write_nifti(pred, tmp_path / "mask.nii.gz", dtype=pred.array.dtype)
+    # nibabel and SimpleITK agree that the mask lies exactly where the input lies
+    np.testing.assert_allclose(nib.load(tmp_path / "mask.nii.gz").affine, nib.load(tmp_path / "case.nii.gz").affine,
+                               atol=1e-5)
+    a, b = sitk.ReadImage(str(tmp_path / "mask.nii.gz")), sitk.ReadImage(str(tmp_path / "case.nii.gz"))
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
+    for c in (1, 2):
+        assert _dice(pred.array[0] == c, truth.array[0] == c) > 0.7, c
+
+
+def test_fold_ensemble_is_the_mean_of_folds(run_dir):
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 20, 18, 17)).astype(np.float32))
+    both = Predictor.from_run(run_dir, device="cpu", tta=False).predict_array(image)
+    f0 = Predictor.from_run(run_dir, folds=[0], device="cpu", tta=False).predict_array(image)
+    f1 = Predictor.from_run(run_dir, folds=[1], device="cpu", tta=False).predict_array(image)
+    np.testing.assert_allclose(both.numpy(), ((f0 + f1) / 2).numpy(), atol=1e-6)
+    assert not torch.allclose(f0, f1, atol=1e-3)
+
+
+def test_uncertainty_and_probabilities(run_dir):
+    image, _ = synthetic_case(8, spacing=(1.5, 1.5, 1.5), oblique=False)
+    out = Predictor.from_run(run_dir, device="cpu").predict_full(image, probabilities=True, uncertainty=True)
+    p = out.probabilities.array
+    assert p.shape == (3, *image.shape) and out.uncertainty.shape == image.shape
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-4)
+    expected = -(p * np.log(np.clip(p, 1e-12, None))).sum(0)
+    np.testing.assert_allclose(out.uncertainty.array[0], expected, atol=2e-3)
+    assert out.uncertainty.array.max() <= np.log(3) + 1e-4
+    np.testing.assert_array_equal(out.label.array[0], p.argmax(0))
+
+
+def test_slicewise_2d_configuration(tmp_path):
+    pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
+    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
+    (tmp_path / "model.json").write_text(json.dumps({"configuration": "2d", "folds": [0]}))
+    _train(tmp_path, "2d", 0, 0, "checkpoint_best.pt")
+    pred = Predictor.from_run(tmp_path, device="cpu")
+    image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 19, 12, 5)).astype(np.float32))
+    out = pred.predict_array(image)
+    ref = sliding_window_predict_slices(pred.networks[0], image, slice_axis=2, patch_size=(16, 16),
+                                        mirror_axes=(0, 1), activation="softmax")
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-6)
+    vol, _ = synthetic_case(3)
+    assert pred.predict(vol).same_geometry(vol)
+
+
+def test_missing_fold_is_explained(run_dir):
+    from medseg.errors import InputError
+
+    with pytest.raises(InputError, match=r"fold.*\[5\]"):
+        Predictor.from_run(run_dir, folds=[5], device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ batch / CLI
+def test_discovery_layouts_and_shards(tmp_path):
+    for name in ("b_0000.nii.gz", "a_0000.nii.gz", "c_0000.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [c.case_id for c in discover_cases(tmp_path, 1)] == ["a", "b", "c"]
+    assert [c.case_id for c in discover_cases(tmp_path, 2)] == ["a_0000", "b_0000", "c_0000"]
+    (tmp_path / "a_0001.nii.gz").write_bytes(b"x")
+    (tmp_path / "b_0001.nii.gz").write_bytes(b"x")
+    (tmp_path / "c_0001.nii.gz").write_bytes(b"x")
+    two = discover_cases(tmp_path, 2)
+    assert [len(c.images) for c in two] == [2, 2, 2] and two[0].images[1].name == "a_0001.nii.gz"
+    s0, s1 = shard_cases(two, parse_shard("0/2")), shard_cases(two, parse_shard("1/2"))
+    assert sorted(c.case_id for c in s0 + s1) == ["a", "b", "c"] and not {c.case_id for c in s0} & {
+        c.case_id for c in s1}
+    from medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="shard"):
+        parse_shard("2/2")
+
+
+def test_batch_with_corrupt_case(run_dir, tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i, name in enumerate(("good1", "good2")):
+        write_nifti(synthetic_case(20 + i)[0], inp / f"{name}_0000.nii.gz")
+    (inp / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really a gzip stream")
+    args = ["predict", "-i", str(inp), "-o", str(out), "-m", str(run_dir), "--device", "cpu", "--no-tta",
+            "--uncertainty"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    failed_lines = [ln for ln in err.splitlines() if "FAILED" in ln]
+    assert len(failed_lines) == 1 and "broken" in failed_lines[0] and "Traceback" not in err
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["counts"] == {"written": 2, "skipped": 0, "failed": 1}
+    for name in ("good1", "good2"):
+        src, mask = nib.load(inp / f"{name}_0000.nii.gz"), nib.load(out / f"{name}.nii.gz")
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-5)
+        assert mask.get_data_dtype() == np.uint8 and (out / f"{name}_uncertainty.nii.gz").exists()
+    assert not (out / "broken.nii.gz").exists()
+    assert main(args) == 1  # rerun: good cases skipped, the broken one still reported
+    assert json.loads((out / "predict_report.json").read_text())["counts"] == {"written": 0, "skipped": 2,
+                                                                                "failed": 1}
+
+
+def _write_dicom_series(vol: Volume, folder: Path) -> None:
+    """A synthetic MR series of ``vol`` (uint16 with rescale), geometry from its RAS affine."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    from medseg.io.volume import LPS_TO_RAS
+
+    folder.mkdir(parents=True)
+    lps = LPS_TO_RAS @ vol.affine
+    sp = np.linalg.norm(lps[:3, :3], axis=0)
+    r, c, _ = (lps[:3, :3] / sp).T
+    arr = vol.array[0]
+    slope = float(arr.max() - arr.min()) / 4000
+    stored = np.round((arr - arr.min()) / slope).astype(np.uint16)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(arr.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = MRImageStorage
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.Modality = "Synthetic^Patient", "SYN0001", "MR"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "", "", "20240101", "120000"
+        ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[0]
+        ds.PixelSpacing = [float(sp[1]), float(sp[0])]
+        ds.SliceThickness = float(sp[2])
+        ds.ImageOrientationPatient = [float(v) for v in (*r, *c)]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, float(arr.min())
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+
+
+def test_dicom_series_nifti_and_dicom_seg(run_dir, tmp_path, caplog):
+    image, truth = synthetic_case(9)
+    _write_dicom_series(image, tmp_path / "in" / "series_a")
+    out = tmp_path / "out"
+    base = ["predict", "-i", str(tmp_path / "in"), "-m", str(run_dir), "--device", "cpu", "--folds", "0"]
+    with caplog.at_level("DEBUG", logger="medseg"):
+        assert main([*base, "-o", str(out)]) == 0
+    assert "Synthetic" not in caplog.text and "SYN0001" not in caplog.text
+    mask = read_volume(out / "series_a.nii.gz")
+    src = read_volume(tmp_path / "in" / "series_a")
+    assert mask.same_geometry(src, atol=1e-3)
+    ref = sitk.ReadImage(sorted(str(p) for p in (tmp_path / "in" / "series_a").iterdir()))
+    m = sitk.ReadImage(str(out / "series_a.nii.gz"))
+    np.testing.assert_allclose(m.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(m.GetDirection(), ref.GetDirection(), atol=1e-4)
+    np.testing.assert_allclose(m.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+    assert _dice(mask.array[0] > 0, truth.array[0] > 0) > 0.7
+    assert main([*base, "-o", str(tmp_path / "seg"), "--output-format", "dicom-seg"]) == 0
+    from medseg.io.dicom_seg import read_dicom_seg
+
+    seg, labels = read_dicom_seg(tmp_path / "seg" / "series_a.dcm", tmp_path / "in" / "series_a")
+    np.testing.assert_array_equal(seg.array[0], mask.array[0])
+    assert set(labels.values()) <= {"left", "right"}
+
+
+def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    n = 6
+    for i in range(n):
+        write_nifti(synthetic_case(30 + i, shape=(36, 32, 16))[0], inp / f"case{i}.nii.gz")
+    cmd = [sys.executable, "-m", "medseg.cli.main", "predict", "-i", str(inp), "-o", str(out), "-m", str(run_dir),
+           "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and any(p.name.startswith("case") for p in out.iterdir()):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p for p in out.glob("case*.nii.gz"))
+    assert len(done) < n, "the run finished before it could be killed"
+    for p in done:  # every final-named file is complete
+        assert nib.load(p).get_fdata().shape == (36, 32, 16)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["counts"] == {"written": n - len(done), "skipped": len(done), "failed": 0}
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i}.nii.gz" for i in range(n)]
+                                                           + ["predict_report.json"])
