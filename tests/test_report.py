@@ -177,3 +177,22 @@ def test_run_with_attention_unet_shows_gate_maps(tmp_path):
     import matplotlib.image as mpimg
 
     assert mpimg.imread(tmp_path / "gates.png").shape[1] >= 2 * 200  # input + one gate panel
+
+
+def test_2d_png_overlay_and_evaluation(tmp_path):
+    """2D label maps (e.g. ultrasound/EM slices): one panel row, areas in mm², same CLI."""
+    rng = np.random.default_rng(6)
+    aff = np.diag([0.5, 0.25, 1.0, 1.0])
+    ref = np.zeros((40, 60), np.uint8)
+    ref[10:30, 20:45] = 1
+    pred = np.roll(ref, 3, axis=1)
+    image = rng.normal(0, 1, ref.shape).astype(np.float32) + 3 * ref
+    for folder, arr in (("pred", pred), ("labels", ref), ("images", image)):
+        write_volume(Volume(arr[None], aff, 2), tmp_path / folder / "slice_1.nii.gz")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "labels"), "-o",
+                 str(tmp_path / "ev"), "--bootstrap", "20"]) == 0
+    header = (tmp_path / "ev" / "per_case.csv").read_text().splitlines()[0]
+    assert "area_ref_mm2" in header and "volume_ref_ml" not in header
+    out = build_report(tmp_path / "pred", ref_dir=tmp_path / "labels", image_dir=tmp_path / "images",
+                       out_path=tmp_path / "r.html", n_boot=20)
+    assert len(_pngs(out.read_text())) == 2
