@@ -1,12 +1,58 @@
-"""`medseg crossval` (placeholder until its issue lands: replace this module wholesale)."""
+"""`medseg crossval`: train the folds of a pipeline, predict out of fold, summarise, choose post-processing."""
 
 from __future__ import annotations
 
 
+def _folds(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected fold numbers such as '0 1 2' or '0,1'") from None
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("crossval", help="(not yet available)")
+    from medseg.cli.train import add_common
+
+    p = subparsers.add_parser("crossval", help="k-fold cross-validation: train, out-of-fold metrics, model folder",
+                              description="Train every fold (folds already trained are reused), predict each fold's "
+                              "validation cases, write per_case.csv, crossval_summary.json, postprocessing.json and "
+                              "model.json (all folds = an ensemble for `medseg predict -m RUN`).")
+    add_common(p)
+    p.add_argument("--folds", type=_folds, help="folds to run, e.g. '0 1' or '0,1' (default: all)")
+    p.add_argument("--retrain", action="store_true", help="train again folds that already finished")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    raise NotImplementedError("medseg crossval is not implemented yet")
+    import sys
+
+    from medseg.cli.train import ProgressBar, overrides
+    from medseg.training.config import load_pipeline
+    from medseg.training.crossval import run_crossval
+
+    pipeline = load_pipeline(args.config, overrides(args))
+    bars: dict[int, ProgressBar] = {}
+
+    def progress(fold: int, info: dict) -> None:
+        if fold not in bars:
+            for b in bars.values():
+                b.close()
+            bars[fold] = ProgressBar(not args.no_progress and sys.stderr.isatty(), f"fold {fold}")
+        bars[fold](info)
+
+    try:
+        summary = run_crossval(pipeline, args.folds, resume=args.resume, retrain=args.retrain, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    print(f"{pipeline.name}: out-of-fold mean foreground Dice {summary['mean_foreground_dice']:.4f} over "
+          f"{summary['n_cases']} cases (post-processed {summary['mean_foreground_dice_postprocessed']:.4f}, "
+          f"{summary['postprocessing']})")
+    for lab, entry in summary["classes"].items():
+        d = entry["metrics"]["dice"]
+        print(f"  {lab} {entry.get('name', '')}: Dice {d['mean']:.4f} +- {d['sd']:.4f} "
+              f"(95% CI {d['ci_low']:.4f}-{d['ci_high']:.4f})")
+    print(f"run folder: {pipeline.output}")
+    return 0

@@ -1,12 +1,98 @@
-"""`medseg train` (placeholder until its issue lands: replace this module wholesale)."""
+"""`medseg train`: train one fold of a pipeline (`--config pipelines/NAME.yaml --fold K`).
+
+Runs under ``torchrun --nproc-per-node N -m medseg.cli.main train ...`` for multi-GPU data-parallel training.
+"""
 
 from __future__ import annotations
 
+import argparse
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `crossval`."""
+    p.add_argument("--config", "-c", required=True, metavar="YAML", help="pipeline config, e.g. pipelines/demo.yaml")
+    p.add_argument("--output", "-o", metavar="DIR", help="run folder (default: the config's `output`)")
+    p.add_argument("--dataset", metavar="DIR", help="data set folder (default: the config's `dataset`)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from checkpoint_latest.pt")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="training time per fold; the LR schedule decays to the end of it (config: max_minutes)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (config: train.epochs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (config: train.device)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (config: train.amp)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """Config overrides from the command line."""
+    top: dict = {}
+    train: dict = {}
+    if args.output:
+        top["output"] = args.output
+    if args.dataset:
+        import os
+
+        top["dataset"] = os.path.abspath(args.dataset)
+    if args.time_budget is not None:
+        train["max_minutes"] = args.time_budget
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    if args.device:
+        train["device"] = args.device
+    if args.amp:
+        train["amp"] = args.amp
+    if train:
+        top["train"] = train
+    return top
+
+
+class ProgressBar:
+    """tqdm bar over training progress (percent of epochs or of the time budget) with ETA and latest metrics."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=desc, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+
+    def __call__(self, info: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(100 * info["progress"] - self.bar.n)
+        post = {"ep": info["epoch"], "loss": f"{info['train_loss']:.3f}"}
+        if "val_dice" in info:
+            post["dice"] = f"{info['val_dice']:.3f}"
+        self.bar.set_postfix(post, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="(not yet available)")
+    p = subparsers.add_parser("train", help="train one fold of a pipeline (patient-wise split, resumable)",
+                              description="Train fold K of a pipeline config into RUN/fold_K; writes model.json so "
+                              "that `medseg predict -m RUN` works with the folds trained so far.")
+    add_common(p)
+    p.add_argument("--fold", "-f", type=int, required=True, help="fold index (0-based) of splits.json")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    raise NotImplementedError("medseg train is not implemented yet")
+    import os
+    import sys
+
+    from medseg.training.config import load_pipeline
+    from medseg.training.fold import train_fold
+
+    pipeline = load_pipeline(args.config, overrides(args))
+    rank = int(os.environ.get("RANK", "0"))
+    bar = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {args.fold}")
+    try:
+        res = train_fold(pipeline, args.fold, resume=args.resume, progress=bar)
+    finally:
+        bar.close()
+    if rank == 0:
+        print(f"fold {args.fold}: {res.epochs} epochs in {res.elapsed_s / 60:.1f} min, best smoothed validation "
+              f"Dice {res.best_ema_dice:.4f} (epoch {res.best_epoch}) -> {pipeline.output / f'fold_{args.fold}'}")
+    return 0

@@ -66,7 +66,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: the plan's
     patch_size: list[int] | None = None  # None: the plan's
     oversample_foreground: float = 0.33
-    augmentation: dict[str, Any] | None = None  # passed to the patch loader; None = its defaults
+    augmentation: dict[str, Any] | None = field(default_factory=dict)  # overrides of the defaults; null = none
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads (None: torch's default)

@@ -177,6 +177,8 @@ class Trainer:
         self.best_epoch = -1
         self.bad_validations = 0
         self.last_val: float | None = None
+        self.finished = False
+        self.valid_crop = _valid_crop(self.network, self.patch_size, self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict[str, Any]:
@@ -192,6 +194,7 @@ class Trainer:
             "trainer": {"ema": self.ema, "best_ema": self.best_ema, "best_epoch": self.best_epoch,
                         "bad_validations": self.bad_validations, "last_val": self.last_val},
             "rng": rng_state(),
+            "finished": self.finished,
             "patch_size": self.patch_size,
             "num_classes": self.num_classes,
             **self.extra,
@@ -231,7 +234,8 @@ class Trainer:
         for case in self.val_cases:
             img = torch.from_numpy(np.ascontiguousarray(case.image))
             kw = {"patch_size": self.patch_size, "overlap": self.cfg.val_overlap, "batch_size": 4,
-                  "device": self.device, "amp_dtype": self.amp_dtype}
+                  "device": self.device, "amp_dtype": self.amp_dtype,
+                  "valid_crop": self.valid_crop if any(self.valid_crop) else None}
             if self.slice_axis is not None and img.ndim == 4:
                 logits = sliding_window_predict_slices(self.network, img, slice_axis=self.slice_axis, **kw)
             else:
@@ -261,7 +265,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = self.model(x)
-            loss = self.loss(out, y)
+            loss = self.loss(out, _crop_to(y, out))
             if not torch.isfinite(loss):
                 logger.warning("epoch %d: non-finite loss skipped", epoch)
                 continue
@@ -333,6 +337,7 @@ class Trainer:
                     stop = float(self._validate_and_select(row))
                 metrics.append(row)  # type: ignore[union-attr]
                 _log_scalars(writer, row)
+                self.finished = bool(final or stop)
                 if (epoch + 1) % cfg.checkpoint_every == 0 or final or stop:
                     save_checkpoint(latest, self._checkpoint())
                 if "val_dice" in row or final:
@@ -373,6 +378,30 @@ class Trainer:
         logger.info("epoch %d: train loss %.4f, val Dice %.4f (EMA %.4f, best %.4f at epoch %d)", self.epoch,
                     row["train_loss"], dice, self.ema, self.best_ema, self.best_epoch)
         return self.cfg.patience is not None and self.bad_validations >= self.cfg.patience
+
+
+def _crop_to(target: torch.Tensor, outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Centre-crop the target to a valid-convolution network's (smaller) output."""
+    out = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+    if tuple(out.shape[2:]) == tuple(target.shape[2:]):
+        return target
+    sl = [slice(None), slice(None)]
+    for t, o in zip(target.shape[2:], out.shape[2:]):
+        lo = (t - o) // 2
+        sl.append(slice(lo, lo + o))
+    return target[tuple(sl)]
+
+
+@torch.no_grad()
+def _valid_crop(network: nn.Module, patch: Sequence[int], device: torch.device) -> tuple[int, ...]:
+    """Voxels per side that a valid-convolution network loses (0 for same-padding networks)."""
+    in_ch = next((m.in_channels for m in network.modules() if hasattr(m, "in_channels")), 1)
+    was_training = network.training
+    network.eval()
+    out = network(torch.zeros(1, int(in_ch), *patch, device=device))
+    network.train(was_training)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    return tuple((int(p) - int(o)) // 2 for p, o in zip(patch, out.shape[2:]))
 
 
 def _tensorboard(log_dir: Path, purge_step: int) -> Any:

@@ -1,0 +1,291 @@
+"""Set up and train one fold of a pipeline: manifest -> plan -> splits -> preprocess cache -> patch loader ->
+network -> :class:`~medseg.training.trainer.Trainer`, recording everything in the run folder.
+
+Each fold can run as its own process (folds spread over GPUs or nodes); the shared files of the run folder
+(plan.json, splits.json) are written atomically and are identical whichever process writes them first. Under
+``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, gloo on CPU); rank 0
+prepares the data and the others wait for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import InputError
+from medseg.training.config import PipelineConfig
+from medseg.training.record import environment, write_json, write_yaml
+
+__all__ = ["RunData", "prepare_run", "train_fold", "write_model_json", "finished_folds", "fold_is_finished"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """What every fold of a run shares."""
+
+    pipeline: PipelineConfig
+    manifest: Any
+    plan: dict[str, Any]
+    splits: list[dict[str, Any]]
+    cache_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.pipeline.output
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The plan's configuration used by this pipeline."""
+        return self.plan["configurations"][self.pipeline.configuration]
+
+
+def _dist_setup() -> tuple[int, int]:
+    """Initialise torch.distributed under torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = True) -> RunData:
+    """Load the manifest, make or reuse the plan and splits, fill the preprocess cache, write the run record.
+
+    Args:
+        pipeline: the pipeline configuration.
+        device: ``"cpu"`` or ``"cuda"``: what the plan is sized for when a new plan is made.
+        write: write plan.json, splits.json, config.yaml, environment.json (False on DDP ranks > 0).
+
+    Returns:
+        The shared :class:`RunData`.
+
+    Raises:
+        InputError: unusable data set, plan or split file.
+        ConfigError: the configuration is absent from the plan.
+    """
+    from medseg.data.loader import preprocess_dataset
+    from medseg.data.manifest import load_manifest
+    from medseg.data.splits import load_or_create_splits, read_splits
+    from medseg.errors import ConfigError
+    from medseg.planning import fingerprint, load_plan, make_plan, plan_hash, save_plan
+
+    p = pipeline
+    run_dir = p.output
+    manifest = load_manifest(p.dataset, patient_regex=p.patient_regex, file_ending=p.file_ending)
+    unlabelled = [c.case_id for c in manifest.cases if c.label is None]
+    if unlabelled:
+        logger.warning("%d cases have no label and are left out of training: %s", len(unlabelled), unlabelled[:5])
+    run_plan = run_dir / "plan.json"
+    if run_plan.is_file():
+        plan = load_plan(run_plan)
+    elif p.plan is not None:
+        plan = load_plan(p.plan)
+    else:
+        logger.info("planning %s for %s", manifest.name, device)
+        plan = make_plan(fingerprint(manifest), device=device)
+    if p.configuration not in plan["configurations"]:
+        raise ConfigError("configuration", p.configuration, "one of " + ", ".join(plan["configurations"]))
+    split_path = run_dir / "splits.json"
+    if p.splits is not None and not split_path.is_file():
+        splits = read_splits(p.splits)
+        if len(splits) != p.folds:
+            raise InputError(p.splits, f"has {len(splits)} folds but the pipeline asks for {p.folds}",
+                             f"folds: {len(splits)} in the pipeline, or a {p.folds}-fold split file")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run_plan.is_file():
+            save_plan(plan, run_plan)
+        if p.splits is not None and not split_path.is_file():
+            write_json(split_path, splits)
+    splits = load_or_create_splits(split_path, manifest, p.folds, p.seed) if write else read_splits(split_path)
+    cache_root = p.cache or (run_dir / "cache")
+    cache_dir = Path(preprocess_dataset(manifest, plan, p.configuration, cache_root))
+    if write:
+        write_yaml(run_dir / "config.yaml", p.to_dict())
+        write_json(run_dir / "environment.json", environment({
+            "manifest_hash": manifest.hash(), "plan_hash": plan_hash(plan), "dataset": str(p.dataset),
+            "n_cases": len(manifest.cases)}))
+    return RunData(p, manifest, plan, splits, cache_dir)
+
+
+def fold_is_finished(fold_dir: Path) -> bool:
+    """True when ``fold_dir/checkpoint_latest.pt`` records a finished training."""
+    path = fold_dir / "checkpoint_latest.pt"
+    if not path.is_file():
+        return False
+    from medseg.training.checkpoint import load_checkpoint
+
+    return bool(load_checkpoint(path).get("finished", False))
+
+
+def finished_folds(run_dir: Path) -> list[int]:
+    """Folds of ``run_dir`` whose training finished."""
+    out = []
+    for d in sorted(run_dir.glob("fold_*")):
+        if d.name[5:].isdigit() and fold_is_finished(d):
+            out.append(int(d.name[5:]))
+    return sorted(out)
+
+
+def write_model_json(run: RunData, network_spec: dict[str, Any], folds: list[int]) -> None:
+    """Write ``model.json`` so that ``medseg predict -m RUN`` uses the run folder as it is."""
+    write_json(run.run_dir / "model.json", {
+        "network": network_spec,
+        "configuration": run.pipeline.configuration,
+        "folds": sorted(folds),
+        "num_classes": int(run.plan["num_classes"]),
+        "labels": run.plan.get("labels", {}),
+        "pipeline": run.pipeline.name,
+    })
+
+
+def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
+    from medseg.networks import create_model, model_entry, model_spec
+
+    cfg = run.pipeline.train
+    spec = cfg.network or run.config["network"]
+    kwargs = dict(spec.get("kwargs") or {})
+    for key in ("spatial_dims", "in_channels", "out_channels"):
+        kwargs.pop(key, None)
+    if "deep_supervision" in model_entry(spec["name"]).options:
+        kwargs["deep_supervision"] = bool(cfg.deep_supervision and kwargs.get("deep_supervision", True))
+    dims = 2 if run.config.get("slicewise") or int(run.plan["spatial_dims"]) == 2 else 3
+    net = create_model(spec["name"], spatial_dims=dims, in_channels=int(run.plan["in_channels"]),
+                       out_channels=int(run.plan["num_classes"]), **kwargs)
+    return net, model_spec(net), bool(kwargs.get("deep_supervision", False))
+
+
+def _class_counts(cache_dir: Path, case_ids: list[str], num_classes: int) -> list[float]:
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for cid in case_ids:
+        seg = np.load(cache_dir / f"{cid}_seg.npy", mmap_mode="r")
+        counts += np.bincount(np.asarray(seg).ravel().clip(0).astype(np.int64), minlength=num_classes)[:num_classes]
+    return counts.tolist()
+
+
+def _loader(run: RunData, case_ids: list[str], seed: int, fold: int) -> Any:
+    from medseg.data.loader import PatchLoader
+
+    cfg = run.pipeline.train
+    conf = run.config
+    kwargs: dict[str, Any] = {
+        "patch_size": cfg.patch_size or conf["patch_size"],
+        "batch_size": cfg.batch_size or conf["batch_size"],
+        "spatial_dims": 2 if conf.get("slicewise") or int(run.plan["spatial_dims"]) == 2 else 3,
+        "oversample_foreground": cfg.oversample_foreground,
+        "augmentation": cfg.augmentation,
+        "seed": seed,
+        "fold": fold,
+        "num_workers": cfg.num_workers,
+    }
+    accepted = inspect.signature(PatchLoader).parameters
+    for name in ("num_batches", "batches_per_epoch"):
+        if name in accepted:
+            kwargs[name] = cfg.batches_per_epoch
+    if "slice_axis" in accepted and conf.get("slicewise"):
+        kwargs["slice_axis"] = conf.get("slice_axis", 2)
+    return PatchLoader(run.cache_dir, case_ids, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def train_fold(
+    pipeline: PipelineConfig,
+    fold: int,
+    *,
+    resume: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    run: RunData | None = None,
+) -> Any:
+    """Train fold ``fold`` of ``pipeline`` into ``OUTPUT/fold_K`` and (re)write ``model.json``.
+
+    Args:
+        pipeline: the pipeline configuration.
+        fold: 0-based fold index (must exist in splits.json).
+        resume: continue from ``fold_K/checkpoint_latest.pt`` when present.
+        progress: per-epoch callback (the CLI's progress bar).
+        run: an already prepared :class:`RunData` (crossval prepares it once).
+
+    Returns:
+        The :class:`~medseg.training.trainer.FoldResult`.
+
+    Raises:
+        InputError: a fold the split file lacks, unusable data.
+        ConfigError: invalid options.
+    """
+    import numpy as np
+    import torch
+
+    from medseg.data.splits import get_fold
+    from medseg.losses import build_loss
+    from medseg.training.trainer import Trainer, ValCase, resolve_device
+
+    rank, world = _dist_setup()
+    cfg = pipeline.train
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    if run is None:
+        if rank == 0:
+            run = prepare_run(pipeline, device=device.type, write=True)
+        _barrier()
+        if rank != 0:
+            run = prepare_run(pipeline, device=device.type, write=False)
+    entry = get_fold(run.splits, fold, run.run_dir / "splits.json")
+    labelled = {c.case_id for c in run.manifest.cases if c.label is not None}
+    train_ids = [c for c in entry["train"] if c in labelled]
+    val_ids = [c for c in entry["val"] if c in labelled]
+    if not train_ids:
+        raise InputError(run.run_dir / "splits.json", f"fold {fold} has no labelled training cases",
+                         "a split of labelled cases")
+    seed = pipeline.seed if rank == 0 else int(np.random.SeedSequence([pipeline.seed, rank]).generate_state(1)[0])
+    loader = _loader(run, train_ids, seed, fold)
+    torch.manual_seed(int(np.random.SeedSequence([pipeline.seed, fold]).generate_state(1)[0]))
+    net, spec, deep_sup = _network(run)
+    k = int(run.plan["num_classes"])
+    counts = _class_counts(run.cache_dir, train_ids, k) if cfg.loss == "weighted_ce" else None
+    loss = build_loss(cfg.loss, num_classes=k, class_counts=counts, deep_supervision=deep_sup,
+                      options=cfg.loss_options)
+    val_cases = [] if rank != 0 else [
+        ValCase(cid, np.load(run.cache_dir / f"{cid}.npy"), np.load(run.cache_dir / f"{cid}_seg.npy"))
+        for cid in val_ids[: cfg.val_max_cases or None]]
+    conf = run.config
+    slice_axis = int(conf.get("slice_axis", 2)) if conf.get("slicewise") and int(run.plan["spatial_dims"]) == 3 \
+        else None
+    fold_dir = run.run_dir / f"fold_{fold}"
+    trainer = Trainer(
+        net, spec, loss, cfg, fold_dir,
+        train_batches=loader.epoch, val_cases=val_cases, patch_size=cfg.patch_size or conf["patch_size"],
+        num_classes=k, slice_axis=slice_axis, progress=progress,
+        extra={"fold": fold, "configuration": pipeline.configuration, "world_size": world},
+    )
+    logger.info("fold %d: %d training / %d validation cases, patch %s, batch %s, %s, autocast %s, world %d",
+                fold, len(train_ids), len(val_ids), cfg.patch_size or conf["patch_size"],
+                cfg.batch_size or conf["batch_size"], device, trainer.amp_dtype, world)
+    result = trainer.fit(resume=resume)
+    if rank == 0:
+        done = sorted(set(finished_folds(run.run_dir)) | {fold})
+        write_model_json(run, spec, done)
+    _barrier()
+    return result
