@@ -247,7 +247,14 @@ class PatchLoader:
         if self.augmentation is not None and self.augment_in_loader:
             from medseg.transforms.augment import augment_batch
 
-            image, label = augment_batch(image, label, self.augmentation, gen)
+            # patch-sized ops gain little from intra-op threads, and on a busy CPU OpenMP spinning makes them
+            # 10x slower; worker processes are already single-threaded, the main process is limited here
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                image, label = augment_batch(image, label, self.augmentation, gen)
+            finally:
+                torch.set_num_threads(threads)
         return {"image": image, "label": label}
 
     def generator(self, epoch: int, device: Any = "cpu", worker: int = 0) -> Any:
