@@ -1,8 +1,8 @@
 """Parameter counts and training-memory estimates, so the planner can fit a patch and batch to a budget.
 
-:func:`estimate_memory` runs two real training steps (forward, cross-entropy on every output, backward,
-optimiser step) on *fake* tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no
-compute) while a dispatch mode follows every tensor storage from allocation to release. The result is the
+:func:`estimate_memory` runs a real training step (forward, cross-entropy on every output, backward,
+optimiser step, the optimiser state already allocated) on *fake* tensors
+(``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no compute) while a dispatch mode follows every tensor storage from allocation to release. The result is the
 peak of live tensor bytes: parameters, gradients, optimiser state, saved activations and backward
 temporaries, with bf16/fp16 autocast taken into account. :func:`measure_peak_memory` runs the same step for
 real and reads the allocator: the CPU profiler's memory events, or ``torch.cuda.max_memory_allocated``.
@@ -125,6 +125,14 @@ def _step(
         optimizer.zero_grad(set_to_none=True)
 
 
+def _init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimiser state (momentum / moments) as after a first step, without a forward pass."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _check_args(patch_size: Sequence[int], spatial_dims: int, batch_size: int) -> None:
     if len(patch_size) != spatial_dims or min(patch_size) < 1:
         raise ConfigError("patch_size", list(patch_size), f"{spatial_dims} positive sizes")
@@ -152,9 +160,10 @@ def estimate_memory(
     """Peak tensor memory, in bytes, of one training step (or one inference forward) of a registered model.
 
     Counts parameters, gradients, optimiser state (SGD momentum: 1 copy of the parameters; AdamW: 2), the
-    activations saved for backward and the backward/loss temporaries, by simulating two steps on fake
-    tensors (no compute; about a second for an nnU-Net-sized 3D network). Measured peaks on CPU agree within
-    10% (``benchmarks/bench_network_memory.py``); allocator overhead is not included.
+    activations saved for backward and the backward/loss temporaries, by simulating one step (optimiser
+    state already allocated) on fake tensors: no compute, a second or two for an nnU-Net-sized 3D network.
+    Measured CPU peaks agree within 10% (``benchmarks/bench_network_memory.py``); allocator overhead (CUDA
+    caching, cuDNN/oneDNN workspaces) is not included, so leave a margin on GPU.
 
     Args:
         name: registered model name.
@@ -192,8 +201,9 @@ def estimate_memory(
                 out_shape = _output_spatial(model, patch_size)
                 label = torch.zeros((batch_size, *out_shape), dtype=torch.long)
                 opt = _make_optimizer(optimizer, model.parameters())
-            for _ in range(2 if training else 1):
-                _step(model, image, label, opt, amp, "cpu")
+            if opt is not None:
+                _init_optimizer_state(model, opt)
+            _step(model, image, label, opt, amp, "cpu")
             peak = tracker.peak
     logger.debug("estimated peak for %s patch %s batch %d: %.1f MiB", name, list(patch_size), batch_size, peak / 2**20)
     return int(peak)
@@ -247,8 +257,9 @@ def measure_peak_memory(
             out_shape = _output_spatial(model, patch_size)
             label = torch.randint(0, out_channels, (batch_size, *out_shape), generator=gen).to(device)
             opt = _make_optimizer(optimizer, model.parameters())
-        for _ in range(2 if training else 1):
-            _step(model, image, label, opt, amp, device_type)
+        if opt is not None:
+            _init_optimizer_state(model, opt)
+        _step(model, image, label, opt, amp, device_type)
 
     if device_type == "cuda":
         torch.cuda.synchronize()
