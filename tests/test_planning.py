@@ -186,3 +186,28 @@ def test_plan_hippocampus_is_sensible(shared_data):
     assert cfg["patch_size"] == [40, 56, 40] and cfg["batch_size"] == 8
     assert max(cfg["network"]["kwargs"]["features"]) <= 128
     assert plan["num_classes"] == 3 and plan["normalization"][0]["scheme"] == "zscore"
+
+
+def test_cli_preprocess_writes_cache(tmp_path, capsys):
+    from medseg.cli.main import main
+
+    ds = _write_msd(tmp_path / "ds", n=2)
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(ds), "-o", str(plan)]) == 0
+    cache = tmp_path / "cache"
+    assert main(["preprocess", str(ds), "--plan", str(plan), "-c", "3d_fullres", "--cache", str(cache)]) == 0
+    out = cache / plan_hash(load_plan(plan)) / "3d_fullres"
+    assert sorted(p.name for p in out.glob("*.npy")) == ["case_000.npy", "case_000_seg.npy", "case_001.npy",
+                                                          "case_001_seg.npy"]
+    capsys.readouterr()
+    assert main(["preprocess", str(ds), "--plan", str(plan), "-c", "3d_lowres", "--cache", str(cache)]) == 1
+    assert "3d_lowres" in capsys.readouterr().err
+
+
+def test_make_plan_for_2d_data_has_only_2d_configuration():
+    plan = make_plan(_fp(spacing=(0.2, 0.2), shape=(540, 800), dims=2, n=50), device="cpu")
+    assert list(plan["configurations"]) == ["2d"]
+    cfg = plan["configurations"]["2d"]
+    assert not cfg["slicewise"] and len(cfg["patch_size"]) == 2 and cfg["mirror_axes"] == [0, 1]
+    assert np.prod(cfg["patch_size"]) * cfg["batch_size"] <= 2_000_000 and cfg["batch_size"] >= 2
+    assert all(p % d == 0 for p, d in zip(cfg["patch_size"], [2**k for k in cfg["pools_per_axis"]]))

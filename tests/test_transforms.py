@@ -202,3 +202,20 @@ def test_2d_augmentation_runs_and_aligns():
     oi, ol = augment_batch(img, lab, params, make_generator(0, 0, 0, 0))
     s, l1 = oi > 0, ol == 1
     assert 2 * (s & l1).sum() / (s.sum() + l1.sum()) > 0.95
+
+
+@pytest.mark.parametrize("target", [(0.5, 0.5), (0.35, 0.8)])
+def test_2d_image_preprocess_and_inverse(target):
+    aff = np.diag([0.5, 0.5, 1.0, 1.0])
+    lab = np.zeros((1, 60, 48), np.int16)
+    lab[0, 20:40, 10:30] = 1
+    img = Volume((lab.astype(np.float32) * 50 + 10), aff, 2)
+    x, seg, props = preprocess_volume(img, _plan(target, dims=2), "cfg", Volume(lab, aff, 2))
+    assert x.ndim == 3 and seg.shape[1:] == tuple(props["shape"])
+    back = restore_original(seg, props, is_label=True)
+    assert back.shape == lab.shape
+    if target == (0.5, 0.5):
+        assert np.array_equal(back, lab)
+    ref = lab[0] == 1
+    edge = ndimage.binary_dilation(ref) & ~ndimage.binary_erosion(ref)
+    assert not np.any((ref ^ (back[0] == 1)) & ~edge)
