@@ -123,3 +123,15 @@ def test_choose_keeps_identity_when_nothing_helps():
     ref = _scene()
     setting, report = choose_postprocessing([(ref.copy(), ref, None)], [1, 2])
     assert setting.is_identity and not any(s["adopted"] for s in report["steps"])
+
+
+def test_per_class_single_pass_equals_class_by_class():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    noise = ndimage.gaussian_filter(rng.normal(size=(30, 28, 26)), 1.5)
+    lab = np.digitize(noise, [-0.1, 0.0, 0.1]).astype(np.uint8)  # classes 0..3, many components
+    fast = keep_largest_component(lab, [1, 3], per_class=True)
+    slow = keep_largest_component(keep_largest_component(lab, [1]), [3])
+    np.testing.assert_array_equal(fast, slow)
+    assert (fast == 2).sum() == (lab == 2).sum()

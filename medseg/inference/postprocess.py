@@ -131,26 +131,44 @@ def remove_small_components(label: np.ndarray, min_voxels: int) -> np.ndarray:
     return cc3d.dust(label, threshold=int(min_voxels), connectivity=_conn(label.ndim), in_place=False)
 
 
-def keep_largest_component(label: np.ndarray, classes: Iterable[int] | None = None) -> np.ndarray:
-    """Keep only the largest connected component of the union of ``classes`` (all foreground when None).
+def keep_largest_component(label: np.ndarray, classes: Iterable[int] | None = None, *,
+                           per_class: bool = False) -> np.ndarray:
+    """Keep only the largest connected component of ``classes`` (all foreground when None).
 
     Args:
         label: integer label map, spatial.
-        classes: the classes considered together; voxels of these classes outside the largest component
-            become background, other classes are untouched.
+        classes: the classes to reduce; voxels of other classes are untouched.
+        per_class: each class of ``classes`` keeps its own largest component (one multi-label cc3d pass);
+            otherwise the union of ``classes`` is one mask that keeps its largest component.
 
     Returns:
         A new label map.
     """
     import cc3d
 
-    out = label.copy()
-    mask = label > 0 if classes is None else np.isin(label, list(classes))
-    if not mask.any():
+    conn = _conn(label.ndim)
+    if not per_class:
+        mask = label > 0 if classes is None else np.isin(label, list(classes))
+        out = label.copy()
+        if mask.any():
+            largest = cc3d.largest_k(mask, k=1, connectivity=conn, binary_image=True) > 0
+            out[mask & ~largest] = 0
         return out
-    largest = cc3d.largest_k(mask, k=1, connectivity=_conn(label.ndim), binary_image=True) > 0
-    out[mask & ~largest] = 0
-    return out
+    wanted = set(int(c) for c in (classes if classes is not None else np.unique(label[label > 0])))
+    cc, n = cc3d.connected_components(label, connectivity=conn, return_N=True)
+    if n == 0:
+        return label.copy()
+    sizes = np.bincount(cc.ravel(), minlength=n + 1)
+    comp_class = np.zeros(n + 1, dtype=np.int64)
+    comp_class[cc.ravel()] = label.ravel()  # every voxel of a component has its class
+    keep = np.ones(n + 1, dtype=bool)
+    for c in wanted:
+        ids = np.flatnonzero(comp_class == c)
+        ids = ids[ids > 0]
+        if ids.size > 1:
+            keep[ids] = False
+            keep[ids[np.argmax(sizes[ids])]] = True
+    return np.where(keep[cc], label, np.zeros((), label.dtype))
 
 
 def fill_holes(label: np.ndarray, classes: Iterable[int]) -> np.ndarray:
@@ -222,8 +240,8 @@ def postprocess(label: np.ndarray, setting: PostprocessSetting | dict | None,
     out = remove_small_components(arr, threshold) if threshold > 1 else arr.copy()
     if setting.largest_foreground:
         out = keep_largest_component(out)
-    for c in setting.largest_per_class:
-        out = keep_largest_component(out, [c])
+    if setting.largest_per_class:
+        out = keep_largest_component(out, setting.largest_per_class, per_class=True)
     if setting.fill_holes:
         out = fill_holes(out, setting.fill_holes)
     return out.reshape(label.shape).astype(label.dtype, copy=False)
