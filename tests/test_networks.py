@@ -33,7 +33,7 @@ TINY = {
     "res_unet": ({"features": [4, 8, 16]}, 16),
     "classic_unet": ({"features": [4, 8, 16, 32, 64]}, 188),
     "unetpp": ({"features": [4, 4, 8, 8, 16, 4]}, 32),
-    "swin_unetr": ({"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]}, 32),
+    "swin_unetr": ({"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]}, 64),
 }
 CASES = [
     pytest.param(name, dims, id=f"{name}-{dims}d", marks=[needs_einops] if name == "swin_unetr" else [])
@@ -205,7 +205,7 @@ def test_valid_input_too_small_raises():
         ("attention_unet", 2, {"features": [4, 8, 8], "norm": "batch"}, 16),
         ("unetpp", 2, {"features": [4, 4, 8, 8, 16, 4], "deep_supervision": True}, 32),
         pytest.param("swin_unetr", 2, {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4]},
-                     32, marks=needs_einops),
+                     64, marks=needs_einops),
     ],
 )
 def test_rebuild_from_spec_reproduces_outputs(tmp_path, name, dims, kwargs, edge):
