@@ -271,7 +271,7 @@ def _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype
         out = None
         amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
-        with torch.no_grad(), amp:
+        with torch.inference_mode(), amp:
             for flip in flips:
                 x = torch.flip(batch, flip) if flip else batch
                 y = network(x)
