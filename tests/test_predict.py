@@ -348,3 +348,20 @@ def test_real_dicom_series_dicom_seg(run_dir, tmp_path, shared_data):
             "-o", str(tmp_path / "seg"), "--output-format", "dicom-seg"]
     assert main(args) == 0, json.loads((tmp_path / "seg" / "predict_report.json").read_text())["cases"]
     assert (tmp_path / "seg" / "11_HCropVolume.dcm").exists()
+
+
+def test_bare_fold_folder_without_model_json(run_dir, tmp_path):
+    """A folder from `medseg train` for one fold: the configuration comes from the checkpoint."""
+    from medseg.errors import InputError
+
+    ckpt = torch.load(run_dir / "fold_0" / "checkpoint_best.pt", weights_only=True)
+    (tmp_path / "plan.json").write_text((run_dir / "plan.json").read_text())
+    (tmp_path / "fold_0").mkdir()
+    torch.save(ckpt, tmp_path / "fold_0" / "checkpoint_best.pt")
+    with pytest.raises(InputError, match="configuration"):
+        Predictor.from_run(tmp_path, device="cpu")
+    torch.save({**ckpt, "configuration": "3d_fullres"}, tmp_path / "fold_0" / "checkpoint_best.pt")
+    image = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 17, 16, 18)).astype(np.float32))
+    got = Predictor.from_run(tmp_path, device="cpu", tta=False).predict_array(image)
+    ref = Predictor.from_run(run_dir, folds=[0], device="cpu", tta=False).predict_array(image)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-6)

@@ -211,7 +211,7 @@ class Predictor:
         root = Path(model_dir)
         if not root.is_dir():
             raise InputError(root, "is not a folder", "a run folder with model.json, plan.json and fold_K/")
-        model = _read_json(root / "model.json", "model.json")
+        model = _read_json(root / "model.json", "model.json") if (root / "model.json").exists() else {}
         plan = load_plan(root / "plan.json")
         opts = InferenceOptions(**options)
         if opts.checkpoint not in ("best", "latest"):
@@ -223,17 +223,22 @@ class Predictor:
         if missing or not folds:
             raise InputError(root, f"has no trained fold(s) {missing or 'at all'}",
                              f"folds among {available}" if available else "fold_K/checkpoint_best.pt files")
-        config_name = model.get("configuration") or next(iter(plan["configurations"]))
-        cfg = plan["configurations"].get(config_name)
+        ckpts = {f: _checkpoint_path(root / f"fold_{f}", opts.checkpoint) for f in folds}
+        first = _load_checkpoint(ckpts[folds[0]])
+        # model.json names the configuration; without it (a bare fold folder) the checkpoint or a one-config plan
+        config_name = model.get("configuration") or first.get("configuration")
+        if config_name is None and len(plan["configurations"]) == 1:
+            config_name = next(iter(plan["configurations"]))
+        cfg = plan["configurations"].get(config_name) if config_name else None
         if cfg is None:
-            raise InputError(root / "model.json", f"names configuration {config_name!r} absent from plan.json",
-                             f"one of {sorted(plan['configurations'])}")
+            raise InputError(root / "model.json", f"configuration {config_name!r} is not one of plan.json's",
+                             f"a model.json naming one of {sorted(plan['configurations'])}")
         dims = 2 if cfg.get("slicewise") or int(plan["spatial_dims"]) == 2 else 3
         dev = resolve_device(device)
         networks = []
         for f in folds:
-            ckpt_path = _checkpoint_path(root / f"fold_{f}", opts.checkpoint)
-            ckpt = _load_checkpoint(ckpt_path)
+            ckpt_path = ckpts[f]
+            ckpt = first if f == folds[0] else _load_checkpoint(ckpt_path)
             spec = ckpt.get("network") or model.get("network")
             if not spec or "name" not in spec:
                 raise InputError(ckpt_path, "records no network", 'a checkpoint with {"network": {"name", "kwargs"}}')
