@@ -365,3 +365,13 @@ def test_bare_fold_folder_without_model_json(run_dir, tmp_path):
     got = Predictor.from_run(tmp_path, device="cpu", tta=False).predict_array(image)
     ref = Predictor.from_run(run_dir, folds=[0], device="cpu", tta=False).predict_array(image)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-6)
+
+
+def test_chunked_argmax_and_entropy_equal_direct(monkeypatch):
+    import medseg.inference.predictor as P
+
+    orig = P._chunks
+    monkeypatch.setattr(P, "_chunks", lambda n, per: orig(n, per, budget=per * 3))  # 3 slices per chunk
+    prob = torch.softmax(torch.randn(4, 10, 6, 5), 0)
+    np.testing.assert_array_equal(P.argmax_label(prob)[0].numpy(), prob.argmax(0).numpy())
+    np.testing.assert_allclose(P.entropy(prob)[0].numpy(), -(prob * prob.log()).sum(0).numpy(), atol=1e-6)

@@ -24,7 +24,8 @@ from medseg.inference.postprocess import PostprocessSetting, load_postprocessing
 from medseg.inference.sliding_window import sliding_window_predict, sliding_window_predict_slices
 from medseg.io.volume import Volume
 
-__all__ = ["Predictor", "Prediction", "InferenceOptions", "build_network", "resolve_device", "entropy"]
+__all__ = ["Predictor", "Prediction", "InferenceOptions", "build_network", "resolve_device", "entropy",
+           "argmax_label"]
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,26 @@ def build_network(spec: dict[str, Any], *, spatial_dims: int, in_channels: int, 
                         out_channels=out_channels, **kwargs)
 
 
+def _chunks(n_first: int, per_slice: int, budget: int = 2**24) -> list[slice]:
+    step = max(1, budget // max(1, per_slice))
+    return [slice(i, i + step) for i in range(0, n_first, step)]
+
+
 def entropy(prob: torch.Tensor) -> torch.Tensor:
-    """Voxel-wise entropy (nats) of class probabilities ``(K, *s)`` -> ``(1, *s)`` float32."""
-    p = prob.clamp_min(1e-12)
-    return -(prob * p.log()).sum(0, keepdim=True)
+    """Voxel-wise entropy (nats) of class probabilities ``(K, *s)`` -> ``(1, *s)`` float32, in bounded chunks."""
+    out = torch.empty((1, *prob.shape[1:]), dtype=torch.float32, device=prob.device)
+    for sl in _chunks(prob.shape[1], prob[:, :1].numel()):
+        p = prob[:, sl]
+        out[0, sl] = -(p * p.clamp_min(1e-12).log()).sum(0)
+    return out
+
+
+def argmax_label(prob: torch.Tensor) -> torch.Tensor:
+    """``(K, *s)`` -> ``(1, *s)`` int16 argmax, in chunks (no full-size int64 index array)."""
+    out = torch.empty((1, *prob.shape[1:]), dtype=torch.int16, device=prob.device)
+    for sl in _chunks(prob.shape[1], prob[:, :1].numel()):
+        out[0, sl] = prob[:, sl].argmax(0).to(torch.int16)
+    return out
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -291,7 +308,7 @@ class Predictor:
 
         image, _, props = preprocess_volume(volume, self.plan, self.config_name)
         prob = self.predict_array(image)
-        label = prob.argmax(0, keepdim=True).to(torch.int16).cpu().numpy()
+        label = argmax_label(prob).cpu().numpy()
         dtype = np.uint8 if self.num_classes <= 256 else np.int16
         label = restore_original(label, props, is_label=True).astype(dtype)
         if self.options.postprocess and not self.postprocessing.is_identity:
