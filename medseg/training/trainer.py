@@ -335,6 +335,8 @@ class Trainer:
             if main:
                 if (epoch + 1) % cfg.val_every == 0 or final:
                     stop = float(self._validate_and_select(row))
+                    self.elapsed_s += row["val_s"]  # the time budget is wall time of the whole loop
+                    row["elapsed_s"] = round(self.elapsed_s, 1)
                 metrics.append(row)  # type: ignore[union-attr]
                 _log_scalars(writer, row)
                 self.finished = bool(final or stop)
