@@ -1,0 +1,102 @@
+"""Training throughput: medseg's trainer step vs a plain MONAI loop at the same network size, patch and batch.
+
+    .venv/bin/python benchmarks/bench_training.py [--steps 10] [--patch 40 56 40] [--batch 8]
+
+Rows (all on random batches of the hippocampus plan's patch and batch, so only the step is timed):
+  monai_dynunet_fp32   plain MONAI loop: DynUNet 16-128 filters, DiceCELoss, AdamW, float32 (the reference bar)
+  monai_dynunet_bf16   the same loop under torch.autocast(bfloat16)
+  medseg_unet          medseg's Trainer epoch: the plan's U-Net (16-128, deep supervision), Dice+CE with
+                       normalised deep-supervision weights, SGD Nesterov, gradient clipping, autocast as
+                       `amp: auto` resolves on this machine
+nnU-Net's trainer is not installed here (it would need its own environment and a preprocessed data set); its
+network is the same U-Net topology as medseg_unet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _batches(n, batch, patch, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(batch, 1, *patch, generator=g), torch.randint(0, k, (batch, 1, *patch), generator=g))
+            for _ in range(2)]
+    return [{"image": data[i % 2][0], "label": data[i % 2][1]} for i in range(n)]
+
+
+def monai_loop(batches, amp: bool) -> float:
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import DynUNet
+
+    torch.manual_seed(0)
+    net = DynUNet(3, 1, 3, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                  filters=[16, 32, 64, 128], norm_name="instance", res_block=False)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    net.train()
+
+    def step(b):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = net(b["image"])
+        loss = loss_fn(out.float(), b["label"])
+        loss.backward()
+        opt.step()
+
+    step(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    return (time.perf_counter() - t0) / (len(batches) - 1)
+
+
+def medseg_step(batches, patch) -> tuple[float, str]:
+    import tempfile
+
+    from medseg.losses import build_loss
+    from medseg.networks import create_model, model_spec
+    from medseg.training.config import TrainConfig
+    from medseg.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    net = create_model("unet", spatial_dims=3, in_channels=1, out_channels=3, features=[16, 32, 64, 128],
+                       strides=[1, 2, 2, 2], kernel_sizes=3, deep_supervision=True, norm="instance")
+    cfg = TrainConfig(device="cpu").validate()
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(net, model_spec(net), build_loss("dice_ce", num_classes=3, deep_supervision=True), cfg, tmp,
+                     train_batches=lambda epoch: batches[:1] if epoch == 0 else batches[1:], val_cases=[],
+                     patch_size=patch, num_classes=3)
+        tr._train_epoch(0)  # warm-up
+        t0 = time.perf_counter()
+        tr._train_epoch(1)
+        return (time.perf_counter() - t0) / (len(batches) - 1), str(tr.amp_dtype).replace("torch.", "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    patch = tuple(a.patch)
+    batches = _batches(a.steps + 1, a.batch, patch, 3)
+    rows = [("monai_dynunet_fp32", monai_loop(batches, amp=False), "fp32"),
+            ("monai_dynunet_bf16", monai_loop(batches, amp=True), "bf16")]
+    t, dtype = medseg_step(batches, patch)
+    rows.append(("medseg_unet", t, dtype or "fp32"))
+    ref = rows[0][1]
+    print(f"training step, patch {'x'.join(map(str, patch))}, batch {a.batch}, {a.steps} timed steps, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'loop':<22}{'autocast':>9}{'s/step':>9}{'it/s':>8}{'vs MONAI fp32':>15}")
+    for name, sec, dt in rows:
+        print(f"{name:<22}{dt:>9}{sec:>9.3f}{1 / sec:>8.2f}{ref / sec:>14.2f}x")
+
+
+if __name__ == "__main__":
+    main()
