@@ -215,7 +215,7 @@ def test_batch_with_corrupt_case(run_dir, tmp_path, capsys):
         write_nifti(synthetic_case(20 + i)[0], inp / f"{name}_0000.nii.gz")
     (inp / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really a gzip stream")
     args = ["predict", "-i", str(inp), "-o", str(out), "-m", str(run_dir), "--device", "cpu", "--no-tta",
-            "--uncertainty"]
+            "--uncertainty", "--save-probabilities"]
     assert main(args) == 1
     err = capsys.readouterr().err
     failed_lines = [ln for ln in err.splitlines() if "FAILED" in ln]
@@ -226,6 +226,8 @@ def test_batch_with_corrupt_case(run_dir, tmp_path, capsys):
         src, mask = nib.load(inp / f"{name}_0000.nii.gz"), nib.load(out / f"{name}.nii.gz")
         np.testing.assert_allclose(mask.affine, src.affine, atol=1e-5)
         assert mask.get_data_dtype() == np.uint8 and (out / f"{name}_uncertainty.nii.gz").exists()
+        prob = nib.load(out / f"{name}_probabilities.nii.gz")
+        assert prob.shape == (*mask.shape, 3) and np.allclose(prob.affine, src.affine, atol=1e-5)
     assert not (out / "broken.nii.gz").exists()
     assert main(args) == 1  # rerun: good cases skipped, the broken one still reported
     assert json.loads((out / "predict_report.json").read_text())["counts"] == {"written": 0, "skipped": 2,
@@ -375,3 +377,17 @@ def test_chunked_argmax_and_entropy_equal_direct(monkeypatch):
     prob = torch.softmax(torch.randn(4, 10, 6, 5), 0)
     np.testing.assert_array_equal(P.argmax_label(prob)[0].numpy(), prob.argmax(0).numpy())
     np.testing.assert_allclose(P.entropy(prob)[0].numpy(), -(prob * prob.log()).sum(0).numpy(), atol=1e-6)
+
+
+def test_shards_split_a_folder_without_coordination(run_dir, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_nifti(synthetic_case(40 + i)[0], inp / f"c{i}.nii.gz")
+    base = ["predict", "-i", str(inp), "-o", str(out), "-m", str(run_dir), "--device", "cpu", "--no-tta"]
+    assert main([*base, "--shard", "1/2"]) == 0
+    assert sorted(p.name for p in out.glob("c*.nii.gz")) == ["c1.nii.gz"]
+    assert main([*base, "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in out.glob("c*.nii.gz")) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]
+    r0 = json.loads((out / "predict_report.shard-0-of-2.json").read_text())
+    r1 = json.loads((out / "predict_report.shard-1-of-2.json").read_text())
+    assert r0["counts"]["written"] == 2 and r1["counts"]["written"] == 1
