@@ -342,14 +342,16 @@ def test_real_dicom_series_mask_keeps_geometry(run_dir, tmp_path, shared_data):
 
 
 @pytest.mark.shared_data
-@pytest.mark.xfail(strict=True, reason="medseg.io.dicom_seg.write_dicom_seg fails on anonymised series without "
-                                       "PatientBirthDate (reported to the I/O owner)")
 def test_real_dicom_series_dicom_seg(run_dir, tmp_path, shared_data):
     series = shared_data("dicom", "tcia_pgbm003", "11_HCropVolume")
     args = ["predict", "-i", str(series), "-m", str(run_dir), "--device", "cpu", "--folds", "0", "--no-tta",
             "-o", str(tmp_path / "seg"), "--output-format", "dicom-seg"]
     assert main(args) == 0, json.loads((tmp_path / "seg" / "predict_report.json").read_text())["cases"]
-    assert (tmp_path / "seg" / "11_HCropVolume.dcm").exists()
+    from medseg.io import read_volume
+    from medseg.io.dicom_seg import read_dicom_seg
+
+    seg, _ = read_dicom_seg(tmp_path / "seg" / "11_HCropVolume.dcm")
+    assert seg.same_geometry(read_volume(series), atol=1e-3)  # the SEG lies on the source series' grid
 
 
 def test_bare_fold_folder_without_model_json(run_dir, tmp_path):

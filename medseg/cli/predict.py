@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default from the plan)")
     p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="mixed precision (auto: fp16 on CUDA, fp32 on CPU)")
+                   help="mixed precision (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write CASE_uncertainty.nii.gz (predictive entropy over mirrors and folds)")

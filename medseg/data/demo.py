@@ -152,7 +152,7 @@ def make_demo_dataset(out: str | Path, n_cases: int = 12, seed: int = 0, *, forc
         tmp.write_text(json.dumps(dataset, indent=2) + "\n")
     manifest = Manifest(out, "MedsegDemo", cases, dict(DEMO_LABELS), {0: "MRI"}, 3, [])
     write_manifest_csv(manifest, out / "manifest.csv")
-    log.info("wrote %d demo cases of %d patients to %s (seed %d)", n_cases, len(set(patients)), out, seed)
+    log.debug("wrote %d demo cases of %d patients to %s (seed %d)", n_cases, len(set(patients)), out, seed)
     return out
 
 

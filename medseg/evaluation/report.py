@@ -238,7 +238,7 @@ def build_report(
     doc = _page(f"medseg report: {target.name}", "".join(parts))
     with atomic_path(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
-    log.info("wrote %s (%d panels)", out, len(panels))
+    log.debug("wrote %s (%d panels)", out, len(panels))
     return out
 
 

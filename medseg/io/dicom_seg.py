@@ -51,6 +51,11 @@ def _source_series(source_dir: Path, series_uid: str | None):
     return info, files, affine_lps
 
 
+#: Type-2 attributes of the Patient and General Study modules, which highdicom copies from the source images.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, labels: dict[int, str], *,
                     series_uid: str | None = None, series_description: str = "medseg segmentation",
                     series_number: int = 300) -> None:
@@ -120,6 +125,10 @@ def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, lab
         for number, value in enumerate(values, start=1)
     ]
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for ds in sources:  # anonymised series often drop type-2 patient/study attributes that the SEG must copy;
+        for keyword in _TYPE2_COPIED:  # add them empty to the in-memory copy (the user's files are untouched)
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,

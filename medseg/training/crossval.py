@@ -230,6 +230,6 @@ def run_crossval(
         **summary,
     }
     write_json(run.run_dir / "crossval_summary.json", summary)
-    logger.info("crossval %s: OOF mean foreground Dice %.4f over %d cases (post-processed %.4f)", pipeline.name,
+    logger.debug("crossval %s: OOF mean foreground Dice %.4f over %d cases (post-processed %.4f)", pipeline.name,
                 summary["mean_foreground_dice"] or float("nan"), len(per_case), report["mean_dice_after"])
     return summary

@@ -108,6 +108,8 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         plan = make_plan(fingerprint(manifest), device=device)
     if p.configuration not in plan["configurations"]:
         raise ConfigError("configuration", p.configuration, "one of " + ", ".join(plan["configurations"]))
+    if not run_plan.is_file():
+        plan = _apply_train_overrides(plan, p)
     split_path = run_dir / "splits.json"
     if p.splits is not None and not split_path.is_file():
         splits = read_splits(p.splits)
@@ -129,6 +131,26 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
             "manifest_hash": manifest.hash(), "plan_hash": plan_hash(plan), "dataset": str(p.dataset),
             "n_cases": len(manifest.cases)}))
     return RunData(p, manifest, plan, splits, cache_dir)
+
+
+def _apply_train_overrides(plan: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
+    """Copy of ``plan`` whose configuration carries the pipeline's patch size, batch size and network.
+
+    The run folder's plan.json is what inference reads, so a model trained on 32^3 patches with a custom network
+    must be predicted with the same patch and network, not the planner's defaults.
+    """
+    import copy
+
+    plan = copy.deepcopy(plan)
+    conf = plan["configurations"][p.configuration]
+    t = p.train
+    if t.patch_size:
+        conf["patch_size"] = [int(v) for v in t.patch_size]
+    if t.batch_size:
+        conf["batch_size"] = int(t.batch_size)
+    if t.network:
+        conf["network"] = {"name": t.network["name"], "kwargs": dict(t.network.get("kwargs") or {})}
+    return plan
 
 
 def fold_is_finished(fold_dir: Path) -> bool:

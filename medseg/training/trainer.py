@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.device import cpu_has_bf16
 from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medseg.training.config import TrainConfig
 from medseg.training.optim import LRSchedule, build_optimizer
@@ -52,15 +53,6 @@ class FoldResult:
     last_val_dice: float | None
     elapsed_s: float
     stopped_early: bool
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str) -> torch.device:
