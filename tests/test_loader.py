@@ -152,3 +152,19 @@ def test_hippocampus_cache_inverts_to_original_labels(shared_data, tmp_path):
     b = next(iter(PatchLoader(out, [c.case_id for c in m.cases], patch_size=[40, 56, 40], batch_size=4,
                               spatial_dims=3, augmentation={}, num_batches=1).epoch(0)))
     assert b["image"].shape == (4, 1, 40, 56, 40) and set(b["label"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_device_augmentation_path_equals_loader_path(cache):
+    """The trainer's GPU path (raw crops, whole batches augmented on the device) gives the loader's batches."""
+    from medseg.training.fold import _device_augmented
+
+    out = cache[2]
+    kw = {"augmentation": {}, "fold": 1, "num_batches": 3}
+    in_loader = list(_loader(out, **kw).epoch(2))
+    on_device = list(_device_augmented(_loader(out, augment_in_loader=False, **kw), torch.device("cpu"))(2))
+    assert len(in_loader) == len(on_device) == 3
+    for x, y in zip(in_loader, on_device):
+        torch.testing.assert_close(x["image"], y["image"])
+        assert torch.equal(x["label"], y["label"])
+    raw = list(_loader(out, **{**kw, "augmentation": None}).epoch(2))
+    assert not torch.allclose(raw[0]["image"], on_device[0]["image"])  # it really augments

@@ -208,7 +208,23 @@ def _class_counts(cache_dir: Path, case_ids: list[str], num_classes: int) -> lis
     return counts.tolist()
 
 
-def _loader(run: RunData, case_ids: list[str], seed: int, fold: int) -> Any:
+def _device_augmented(loader: Any, device: Any) -> Callable[[int], Any]:
+    """``epoch -> batches`` moved to ``device`` and augmented there as whole batches (the GPU path), with the
+    loader's (seed, fold, epoch) generator on that device, so CPU cores only crop patches."""
+    from medseg.transforms.augment import augment_batch
+
+    def batches(epoch: int) -> Any:
+        gen = loader.generator(epoch, device)
+        for batch in loader.epoch(epoch):
+            image = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            image, label = augment_batch(image, label, loader.augmentation, gen)
+            yield {"image": image, "label": label}
+
+    return batches
+
+
+def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_loader: bool = True) -> Any:
     from medseg.data.loader import PatchLoader
 
     cfg = run.pipeline.train
@@ -222,6 +238,7 @@ def _loader(run: RunData, case_ids: list[str], seed: int, fold: int) -> Any:
         "seed": seed,
         "fold": fold,
         "num_workers": cfg.num_workers,
+        "augment_in_loader": augment_in_loader,
     }
     accepted = inspect.signature(PatchLoader).parameters
     for name in ("num_batches", "batches_per_epoch"):
@@ -282,7 +299,9 @@ def train_fold(
         raise InputError(run.run_dir / "splits.json", f"fold {fold} has no labelled training cases",
                          "a split of labelled cases")
     seed = pipeline.seed if rank == 0 else int(np.random.SeedSequence([pipeline.seed, rank]).generate_state(1)[0])
-    loader = _loader(run, train_ids, seed, fold)
+    on_gpu = device.type == "cuda" and cfg.augmentation is not None
+    loader = _loader(run, train_ids, seed, fold, augment_in_loader=not on_gpu)
+    train_batches = _device_augmented(loader, device) if on_gpu else loader.epoch
     torch.manual_seed(int(np.random.SeedSequence([pipeline.seed, fold]).generate_state(1)[0]))
     net, spec, deep_sup = _network(run)
     k = int(run.plan["num_classes"])
@@ -298,7 +317,7 @@ def train_fold(
     fold_dir = run.run_dir / f"fold_{fold}"
     trainer = Trainer(
         net, spec, loss, cfg, fold_dir,
-        train_batches=loader.epoch, val_cases=val_cases, patch_size=cfg.patch_size or conf["patch_size"],
+        train_batches=train_batches, val_cases=val_cases, patch_size=cfg.patch_size or conf["patch_size"],
         num_classes=k, slice_axis=slice_axis, progress=progress,
         extra={"fold": fold, "configuration": pipeline.configuration, "world_size": world},
     )
