@@ -21,3 +21,18 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {m.replace("_", "-") for m in COMMAND_MODULES}
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """`medseg info x | head -1`: no BrokenPipeError traceback when the reader leaves early."""
+    import nibabel as nib
+    import numpy as np
+
+    path = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), path)
+    proc = subprocess.Popen([sys.executable, "-m", "medseg.cli.main", "info", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves before medseg (still importing) writes anything
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

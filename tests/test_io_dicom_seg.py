@@ -63,3 +63,27 @@ def test_dcmqi_seg_matches_its_nrrd(shared_data):
     on_source, _ = read_dicom_seg(folder / "SEG_liver.dcm", source_dir=folder)
     assert on_source.same_geometry(read_volume(folder), atol=1e-4)
     np.testing.assert_array_equal(on_source.array, nrrd.array)
+
+
+def test_seg_onto_series_with_empty_charset_and_no_names_logged(shared_data, tmp_path, capfd, caplog):
+    """dcmqi's CT has SpecificCharacterSet '' and a one-part patient name: the SEG is written, and the name
+    (which highdicom would quote in a warning) appears nowhere in the output."""
+    from medseg.io.dicom import list_dicom_series
+
+    folder = shared_data("dicom", "dcmqi_ct3slice_with_seg")
+    series = next(s for s in list_dicom_series(folder) if s.is_image)
+    src = read_volume(folder, series_uid=series.uid)
+    name = str(pydicom.dcmread(series.files[0], stop_before_pixels=True).PatientName)
+    label = np.zeros((1, *src.shape), np.uint8)
+    label[0, 100:200, 120:220, 1] = 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_dicom_seg(src.with_array(label), folder, tmp_path / "seg.dcm", {1: "liver"})
+    seg, labels = read_dicom_seg(tmp_path / "seg.dcm")
+    assert labels == {1: "liver"} and seg.same_geometry(src, atol=1e-3)
+    np.testing.assert_array_equal(seg.array, label)
+    out = capfd.readouterr()
+    said = out.out + out.err + caplog.text + " ".join(str(w.message) for w in caught)
+    assert name and name not in said

@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `medseg info x | head`: the reader left; exit quietly like other Unix tools
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

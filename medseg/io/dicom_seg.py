@@ -16,6 +16,7 @@ Segments. Label value ``v`` (``v > 0``) of ``labels`` becomes a segment labelled
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,12 +130,23 @@ def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, lab
         for keyword in _TYPE2_COPIED:  # add them empty to the in-memory copy (the user's files are untouched)
             if keyword not in ds:
                 setattr(ds, keyword, "")
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="medseg", manufacturer_model_name="medseg", software_versions=__version__,
-        device_serial_number="none", series_description=series_description, omit_empty_frames=False)
+        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet or "").strip():
+            del ds.SpecificCharacterSet  # an empty value means the default repertoire; highdicom rejects ''
+    with warnings.catch_warnings():
+        # highdicom warns about odd person names by quoting the name itself: no patient name may reach a log
+        warnings.filterwarnings("ignore", message=".*person name.*")
+        try:
+            seg = hd.seg.Segmentation(
+                source_images=sources, pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),
+                instance_number=1, manufacturer="medseg", manufacturer_model_name="medseg",
+                software_versions=__version__, device_serial_number="none", series_description=series_description,
+                omit_empty_frames=False)
+        except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the source attributes
+            detail = str(exc).splitlines()[0][:200] if str(exc) else "no details"
+            raise InputError(source_dir, f"cannot be referenced by a DICOM-SEG ({type(exc).__name__}: {detail})",
+                             "a DICOM image series with complete patient, study and series modules") from None
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     log.info("wrote a DICOM-SEG with %d segment(s) over %d frames", len(values), len(files))
