@@ -65,6 +65,29 @@ def test_resume_continues_the_same_run(tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(6))
 
 
+def test_channels_last_trains_the_same_network(tmp_path):
+    """channels_last changes only the memory layout: same losses as the default layout (to float tolerance), and
+    its checkpoint loads into a default-layout network."""
+    torch.set_num_threads(1)
+    a = _trainer(tmp_path / "a", epochs=2)
+    a.fit()
+    b = _trainer(tmp_path / "b", epochs=2, channels_last=True)
+    assert next(b.network.parameters()).dim() < 5 or any(
+        p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+        for p in b.network.parameters() if p.dim() == 5)
+    b.fit()
+    la = [float(r["train_loss"]) for r in csv.DictReader((tmp_path / "a" / "metrics.csv").open())]
+    lb = [float(r["train_loss"]) for r in csv.DictReader((tmp_path / "b" / "metrics.csv").open())]
+    assert la == pytest.approx(lb, rel=1e-3)
+    net, _ = tiny_net()
+    net.load_state_dict(load_checkpoint(tmp_path / "b" / "checkpoint_latest.pt")["state_dict"])
+    x = torch.randn(1, 1, 16, 16, 16)
+    net.eval()
+    b.network.eval()
+    torch.testing.assert_close(net(x), b.network(x.contiguous(memory_format=torch.channels_last_3d)),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_early_stopping(tmp_path):
     tr = _trainer(tmp_path, epochs=40, lr=1e-9, val_every=1, patience=2, ema=0.0)
     res = tr.fit()

@@ -57,6 +57,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 on a CPU that has it, fp16 on CUDA; none = float32
     grad_clip: float | None = 12.0
     compile: bool = False
+    channels_last: bool = False  # channels-last memory format (3D: ~10% faster bf16 steps on AVX512 CPUs)
     val_every: int = 5
     val_overlap: float = 0.5
     val_max_cases: int | None = None

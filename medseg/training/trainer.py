@@ -139,6 +139,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.network = network.to(self.device)
+        self.memory_format = torch.contiguous_format
+        if cfg.channels_last:
+            self.memory_format = torch.channels_last_3d if len(patch_size) == 3 else torch.channels_last
+            self.network = self.network.to(memory_format=self.memory_format)
         self.network_spec = network_spec
         self.loss = loss.to(self.device)
         self.train_batches = train_batches
@@ -251,7 +255,7 @@ class Trainer:
         self.model.train()
         total, n = 0.0, 0
         for batch in self.train_batches(epoch):
-            x = batch["image"].to(self.device, non_blocking=True)
+            x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             y = batch["label"].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
