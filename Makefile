@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 PYTEST_ARGS ?= -q -m "not slow"
 
-.PHONY: install test test-all demo lint clean
+.PHONY: install test test-all demo lint image-local clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check medseg tests benchmarks datasets
-	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Containerfile.smoke
+
+# Build the CPU image with podman (no Docker engine needed) and run the smoke test inside it (slow, minutes).
+image-local:
+	nice -n 19 bash docker/build-local.sh
 
 demo: install
 	bash scripts/demo.sh $(MEDSEG) $(DEMO_DIR)
