@@ -11,6 +11,9 @@ OUT="$(cd "$OUT" && pwd)"
 
 step() { printf '\n== %s\n' "$*"; }
 
+# the demo is a fresh showcase each time: remove what an earlier demo wrote (only its own subfolders)
+rm -rf "$OUT/run" "$OUT/predictions" "$OUT/evaluation" "$OUT/new" "$OUT/report.html" "$OUT/plan.json"
+
 step "1/8 synthetic training data (MSD layout, oblique anisotropic geometry) -> $OUT/data"
 "$MEDSEG" demo-data "$OUT/data" --cases 12 --seed 0 --force
 step "2/8 check the data set"

@@ -101,6 +101,14 @@ def test_crossval_writes_every_artefact_and_predict_uses_the_run(tmp_path, demo_
     t0 = time.perf_counter()
     assert main(["-q", "crossval", "--config", str(cfg), "--no-progress"]) == 0
     assert time.perf_counter() - t0 < 60
+    # ... but a changed configuration never reuses (nor relabels) this run folder
+    before = (run / "config.yaml").read_text()
+    changed = _config(tmp_path, demo_data, lr=0.01)
+    proc = _medseg("-q", "crossval", "--config", str(changed), "--no-progress")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "different configuration" in proc.stderr and "train.lr" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (run / "config.yaml").read_text() == before
 
 
 def test_kill_9_then_resume_finishes_the_same_run(tmp_path, demo_data):

@@ -117,6 +117,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
             raise InputError(p.splits, f"has {len(splits)} folds but the pipeline asks for {p.folds}",
                              f"folds: {len(splits)} in the pipeline, or a {p.folds}-fold split file")
     if write:
+        _check_same_config(run_dir / "config.yaml", p)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not run_plan.is_file():
             save_plan(plan, run_plan)
@@ -131,6 +132,45 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
             "manifest_hash": manifest.hash(), "plan_hash": plan_hash(plan), "dataset": str(p.dataset),
             "n_cases": len(manifest.cases)}))
     return RunData(p, manifest, plan, splits, cache_dir)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_same_config(path: Path, p: PipelineConfig) -> None:
+    """Refuse to reuse a run folder whose config.yaml differs from ``p`` (its folds, plan and checkpoints were made
+    with that config: mixing them would make the run folder's record false).
+
+    Raises:
+        InputError: the folder holds a run of another configuration.
+    """
+    if not path.is_file():
+        return
+    import json
+
+    import yaml
+
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(path, f"cannot be read ({exc})", "the config.yaml that medseg wrote") from None
+    old_flat = _flatten(json.loads(json.dumps(old, default=str)))
+    new_flat = _flatten(json.loads(json.dumps(p.to_dict(), default=str)))
+    ignored = ("output", "cache")  # where things are written, not what the run is
+    diff = sorted(k for k in set(old_flat) | set(new_flat)
+                  if k not in ignored and old_flat.get(k) != new_flat.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise InputError(path.parent, f"holds a run of a different configuration ({shown}{more})",
+                         "a new --output folder for a changed configuration, or the run's own settings to "
+                         "resume or reuse it")
 
 
 def _apply_train_overrides(plan: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
