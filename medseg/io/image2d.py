@@ -58,16 +58,10 @@ def read_image2d(path: str | Path, spacing: float | Sequence[float] | None = Non
     """
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist or is not a file")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        from medseg.io.itk import _itk_reason
+    from medseg.io.itk import read_sitk_image
 
-        raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})", f"a valid {path.suffix} file") \
-            from None
+    path = Path(path)
+    img = read_sitk_image(path)
     dim = img.GetDimension()
     if dim == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]

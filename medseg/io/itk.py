@@ -75,16 +75,8 @@ def read_itk(path: str | Path) -> Volume:
     Raises:
         InputError: missing, unreadable or corrupt file, or unsupported dimensionality.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "does not exist or is not a file")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})",
-                         f"a valid {path.suffix} file") from None
+    img = read_sitk_image(path)
     fmt = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "mha"
     return sitk_to_volume(img, {"source": str(path), "format": fmt}, path=path)
 
@@ -155,3 +147,20 @@ def _itk_reason(exc: BaseException) -> str:
         if "Description:" in ln:
             return ln.split("Description:", 1)[1].strip()[:200]
     return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def read_sitk_image(path: Path):
+    """``SimpleITK.ReadImage`` with medseg's one-line errors (shared by the NRRD/MHA and PNG/TIFF readers).
+
+    Raises:
+        InputError: missing, unreadable or corrupt file.
+    """
+    import SimpleITK as sitk
+
+    if not path.is_file():
+        raise InputError(path, "does not exist or is not a file")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})",
+                         f"a valid {path.suffix} file") from None
