@@ -1,6 +1,7 @@
 """Training throughput: medseg's trainer step vs a plain MONAI loop at the same network size, patch and batch.
 
-    .venv/bin/python benchmarks/bench_training.py [--steps 10] [--patch 40 56 40] [--batch 8]
+    .venv/bin/python benchmarks/bench_training.py [--steps 10] [--patch 40 56 40] [--batch 4] \
+        [--nnunet-python /tmp/nnunet-venv/bin/python --nnunet-root /tmp/nnunet_bench]
 
 Rows (all on random batches of the hippocampus plan's patch and batch, so only the step is timed):
   monai_dynunet_fp32   plain MONAI loop: DynUNet 16-128 filters, DiceCELoss, AdamW, float32 (the reference bar)
@@ -8,14 +9,20 @@ Rows (all on random batches of the hippocampus plan's patch and batch, so only t
   medseg_unet          medseg's Trainer epoch: the plan's U-Net (16-128, deep supervision), Dice+CE with
                        normalised deep-supervision weights, SGD Nesterov, gradient clipping, autocast as
                        `amp: auto` resolves on this machine
-nnU-Net's trainer is not installed here (it would need its own environment and a preprocessed data set); its
-network is the same U-Net topology as medseg_unet.
+  nnunet_trainer       nnU-Net v2's own nnUNetTrainer.train_step (PlainConvUNet 16-128 on the plans variant
+                       that benchmarks/nnunet_hippocampus.py writes: the same network, patch and batch; Dice+CE
+                       with deep supervision, SGD, clipping; float32, as nnU-Net disables autocast on a CPU), fed
+                       by its own background augmentation from the preprocessed hippocampus; only when
+                       --nnunet-python has nnunetv2 and --nnunet-root was set up (run in its own process)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,8 +86,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--nnunet-python", default="/tmp/nnunet-venv/bin/python")
+    ap.add_argument("--nnunet-root", type=Path, default=Path("/tmp/nnunet_bench"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -90,6 +99,19 @@ def main() -> None:
             ("monai_dynunet_bf16", monai_loop(batches, amp=True), "bf16")]
     t, dtype = medseg_step(batches, patch)
     rows.append(("medseg_unet", t, dtype or "fp32"))
+    plans = a.nnunet_root / "preprocessed" / "Dataset004_Hippocampus" / "nnUNetPlans_medseg.json"
+    if Path(a.nnunet_python).exists() and plans.is_file():
+        res = subprocess.run([a.nnunet_python, str(Path(__file__).with_name("nnunet_hippocampus.py")), "train-bench",
+                              "--root", str(a.nnunet_root), "--steps", str(a.steps)], capture_output=True, text=True)
+        if res.returncode == 0:
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            if r["batch"] != a.batch or list(r["patch"]) != list(patch):
+                print(f"[note] nnU-Net row at batch {r['batch']}, patch {r['patch']} (its plans variant)")
+            rows.append(("nnunet_trainer", r["s_per_step"], "fp32"))
+        else:
+            print(f"[fail] nnunet_trainer: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    else:
+        print(f"[skip] nnunet_trainer: needs {a.nnunet_python} and {plans} (benchmarks/nnunet_hippocampus.py setup)")
     ref = rows[0][1]
     print(f"training step, patch {'x'.join(map(str, patch))}, batch {a.batch}, {a.steps} timed steps, "
           f"{torch.get_num_threads()} threads")

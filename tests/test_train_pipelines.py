@@ -76,3 +76,19 @@ def test_hc18_subjects_never_cross_folds():
             subject = cid.split("_")[0]
             assert fold_of.setdefault(subject, k) == k, f"subject {subject} in folds {fold_of[subject]} and {k}"
     assert sorted(c for f in splits for c in f["val"]) == sorted(c.case_id for c in cases)
+
+
+def test_training_mirror_axes_become_the_runs_test_time_mirror_axes():
+    """TTA must flip only the axes training flipped: the run's plan.json (what inference reads) takes them."""
+    from medseg.training.fold import _apply_train_overrides
+
+    plan = {"configurations": {"3d_fullres": {"patch_size": [8, 8, 8], "batch_size": 2, "mirror_axes": [0, 1, 2]}}}
+    p = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"mirror_axes": [0]}}})
+    out = _apply_train_overrides(plan, p)
+    assert out["configurations"]["3d_fullres"]["mirror_axes"] == [0]
+    assert plan["configurations"]["3d_fullres"]["mirror_axes"] == [0, 1, 2]  # the planner's plan is not modified
+    default = pipeline_from_dict({"name": "x", "dataset": "/d"})
+    assert _apply_train_overrides(plan, default)["configurations"]["3d_fullres"]["mirror_axes"] == [0, 1, 2]
+    bad = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"mirror_axes": [3]}}})
+    with pytest.raises(ConfigError, match=r"mirror_axes"):
+        _apply_train_overrides(plan, bad)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import InputError
+from medseg.errors import ConfigError, InputError
 from medseg.training.config import PipelineConfig
 from medseg.training.record import environment, write_json, write_yaml
 
@@ -174,10 +174,12 @@ def _check_same_config(path: Path, p: PipelineConfig) -> None:
 
 
 def _apply_train_overrides(plan: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
-    """Copy of ``plan`` whose configuration carries the pipeline's patch size, batch size and network.
+    """Copy of ``plan`` whose configuration carries the pipeline's patch size, batch size, network and mirror axes.
 
     The run folder's plan.json is what inference reads, so a model trained on 32^3 patches with a custom network
-    must be predicted with the same patch and network, not the planner's defaults.
+    must be predicted with the same patch and network, not the planner's defaults; and test-time mirroring must
+    flip only the axes training mirrored (``augmentation.mirror_axes``), since a network never shown a flip along
+    an axis (e.g. anterior-posterior, where a structure's position carries its label) mispredicts that flip.
     """
     import copy
 
@@ -190,6 +192,13 @@ def _apply_train_overrides(plan: dict[str, Any], p: PipelineConfig) -> dict[str,
         conf["batch_size"] = int(t.batch_size)
     if t.network:
         conf["network"] = {"name": t.network["name"], "kwargs": dict(t.network.get("kwargs") or {})}
+    if t.augmentation and t.augmentation.get("mirror_axes") is not None:
+        axes = sorted({int(a) for a in t.augmentation["mirror_axes"]})
+        dims = len(conf["patch_size"])
+        if any(not 0 <= a < dims for a in axes):
+            raise ConfigError("train.augmentation.mirror_axes", t.augmentation["mirror_axes"],
+                              f"spatial axes of the {dims}D patch, in [0, {dims})")
+        conf["mirror_axes"] = axes
     return plan
 
 

@@ -1,0 +1,171 @@
+"""End to end: ``medseg predict`` vs ``nnUNetv2_predict`` on the same folder of hippocampus cases.
+
+    .venv/bin/python benchmarks/bench_predict.py --medseg-run runs/hippocampus_3d \\
+        --nnunet-python /tmp/nnunet-venv/bin/python --nnunet-root /tmp/nnunet_bench [--cases 20]
+
+The nnU-Net side needs ``benchmarks/nnunet_hippocampus.py setup`` and ``train-bench`` first: a results folder
+for the plans variant ``nnUNetPlans_medseg``, whose network, patch and batch are medseg's hippocampus plan's.
+Both commands run as a user would run them (a fresh process each: start-up, reading, preprocessing, sliding
+windows, test-time mirroring, resampling back, writing), on the first ``--cases`` validation cases of fold 0 of
+the medseg run (nnU-Net channel naming ``CASE_0000.nii.gz``, symbolic links to the shared data). Printed per
+row: wall seconds for the folder, seconds per case, peak RSS of the process tree's largest process, masks
+written, whether every mask has its input's affine and shape, and the mean foreground Dice of the masks against
+the expert labels (nnU-Net's weights are a few training steps, so its Dice is not a comparison; only time is).
+
+Rows: each tool's defaults (medseg: ``--amp auto``, mirroring over the axes the run trained with; nnU-Net:
+float32 on a CPU, mirroring over its three axes), then like for like (the same mirrors; no mirroring; float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+
+
+def _inputs(run: Path, data: Path, n: int, folder: Path) -> list[str]:
+    splits = json.loads((run / "splits.json").read_text())
+    cases = sorted(splits[0]["val"])[:n]
+    folder.mkdir(parents=True)
+    for c in cases:
+        (folder / f"{c}_0000.nii.gz").symlink_to((data / "imagesTr" / f"{c}.nii.gz").resolve())
+    return cases
+
+
+def _run_copy(run: Path, mirror_axes: list[int], dst: Path) -> Path:
+    """A model folder like ``run`` whose plan mirrors ``mirror_axes`` at test time (fold folders linked)."""
+    dst.mkdir()
+    for p in run.iterdir():
+        if p.name.startswith("fold_"):
+            (dst / p.name).symlink_to(p.resolve())
+        elif p.is_file():
+            shutil.copy2(p, dst / p.name)
+    plan = json.loads((dst / "plan.json").read_text())
+    conf = json.loads((dst / "model.json").read_text())["configuration"]
+    plan["configurations"][conf]["mirror_axes"] = mirror_axes
+    (dst / "plan.json").write_text(json.dumps(plan, indent=1))
+    return dst
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Wall seconds and peak RSS (MB, largest process of the tree) of ``cmd``; stderr tail on failure."""
+    time_bin = shutil.which("time") or "/usr/bin/time"
+    full = [time_bin, "-f", "MAXRSS_KB=%M", *cmd] if Path(time_bin).exists() else cmd
+    t0 = time.perf_counter()
+    res = subprocess.run(full, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    rss = float("nan")
+    for line in res.stderr.splitlines():
+        if line.startswith("MAXRSS_KB="):
+            rss = float(line.split("=")[1]) / 1024
+    if res.returncode != 0:
+        tail = [ln for ln in res.stderr.splitlines() if not ln.startswith("MAXRSS_KB=")][-3:]
+        raise RuntimeError(f"{cmd[0]} exited {res.returncode}: {' | '.join(tail)}")
+    return dt, rss, res.stdout
+
+
+def _check(out: Path, cases: list[str], data: Path) -> tuple[int, bool, float]:
+    import nibabel as nib
+
+    written, same, dices = 0, True, []
+    for c in cases:
+        f = out / f"{c}.nii.gz"
+        if not f.is_file():
+            same = False
+            continue
+        written += 1
+        m, img = nib.load(str(f)), nib.load(str(data / "imagesTr" / f"{c}.nii.gz"))
+        same &= m.shape == img.shape[:3] and np.allclose(m.affine, img.affine, atol=1e-4)
+        pred = np.asarray(m.dataobj)
+        ref = np.asarray(nib.load(str(data / "labelsTr" / f"{c}.nii.gz")).dataobj)
+        for k in (1, 2):
+            a, b = pred == k, ref == k
+            if a.any() or b.any():
+                dices.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    return written, bool(same), float(np.mean(dices)) if dices else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--medseg-run", type=Path, required=True, help="a medseg run folder trained on hippocampus")
+    ap.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data" / "hippocampus")
+    ap.add_argument("--nnunet-python", default="/tmp/nnunet-venv/bin/python")
+    ap.add_argument("--nnunet-root", type=Path, default=Path("/tmp/nnunet_bench"))
+    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best wall time per row is kept)")
+    ap.add_argument("--rows", nargs="+", default=None, help="subset of the row names")
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    cases = _inputs(a.medseg_run, a.data, a.cases, tmp / "in")
+    conf_name = json.loads((a.medseg_run / "model.json").read_text())["configuration"]
+    trained_axes = json.loads((a.medseg_run / "plan.json").read_text())["configurations"][conf_name]["mirror_axes"]
+    run3 = _run_copy(a.medseg_run, [0, 1, 2], tmp / "run_mirror3")
+    medseg = [sys.executable, "-m", "medseg.cli.main", "-q", "predict", "-i", str(tmp / "in"), "--device", "cpu",
+              "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    nn_bin = Path(a.nnunet_python).parent / "nnUNetv2_predict"
+    nn_env = {**os.environ, "nnUNet_raw": str(a.nnunet_root / "raw"),
+              "nnUNet_preprocessed": str(a.nnunet_root / "preprocessed"),
+              "nnUNet_results": str(a.nnunet_root / "results")}
+    nnunet = [str(nn_bin), "-i", str(tmp / "in"), "-d", "4", "-c", "3d_fullres", "-p", "nnUNetPlans_medseg", "-f",
+              "0", "-chk", "checkpoint_final.pth", "-device", "cpu"]
+    rows = [
+        ("medseg, defaults", f"auto, {len(trained_axes)} axes", medseg + ["-m", str(a.medseg_run)], env, "m0"),
+        ("nnUNetv2_predict, defaults", "fp32, 3 axes", nnunet, nn_env, "n0"),
+        ("medseg, nnU-Net's mirrors", "auto, 3 axes", medseg + ["-m", str(run3)], env, "m3"),
+        ("medseg, fp32, nnU-Net's mirrors", "fp32, 3 axes", medseg + ["-m", str(run3), "--amp", "fp32"], env, "m3f"),
+        ("medseg, no mirroring", "auto, none", medseg + ["-m", str(a.medseg_run), "--no-tta"], env, "mn"),
+        ("medseg, fp32, no mirroring", "fp32, none", medseg + ["-m", str(a.medseg_run), "--no-tta", "--amp", "fp32"],
+         env, "mnf"),
+        ("nnUNetv2_predict --disable_tta", "fp32, none", nnunet + ["--disable_tta"], nn_env, "nn"),
+    ]
+    if not nn_bin.exists():
+        print(f"[skip] nnU-Net rows: {nn_bin} not found")
+        rows = [r for r in rows if not r[0].startswith("nnUNet")]
+    if a.rows:
+        rows = [r for r in rows if r[4] in a.rows]
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(a.rounds):
+        for name, _, cmd, e, key in rows:
+            out = tmp / f"out_{key}"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                dt, rss, _ = _timed([*cmd, "-o", str(out)], e)
+            except RuntimeError as err:
+                print(f"[fail] {name}: {err}")
+                continue
+            if key not in best or dt < best[key][0]:
+                best[key] = (dt, max(rss, best.get(key, (0, 0))[1]))
+    print(f"\n{len(cases)} hippocampus cases (fold-0 validation of {a.medseg_run.name}), network features 16-128, "
+          f"patch from the plan, CPU, {os.cpu_count()} cores, best of {a.rounds} rounds")
+    print(f"{'command':<34}{'precision, mirrors':>20}{'wall s':>8}{'s/case':>8}{'vs nnU-Net':>11}{'peak RSS MB':>12}"
+          f"{'masks':>7}{'geometry':>9}{'Dice':>7}")
+    ref = {"defaults": best.get("n0", (None,))[0], "3 axes": best.get("n0", (None,))[0],
+           "none": best.get("nn", (None,))[0]}
+    for name, prec, _, _, key in rows:
+        if key not in best:
+            continue
+        dt, rss = best[key]
+        written, same, dice = _check(tmp / f"out_{key}", cases, a.data)
+        base = ref["defaults"] if "defaults" in name else ref[prec.split(", ")[1]] if prec.split(", ")[1] in ref \
+            else None
+        ratio = f"{base / dt:.2f}x" if base else "-"
+        print(f"{name:<34}{prec:>20}{dt:>8.1f}{dt / len(cases):>8.2f}{ratio:>11}{rss:>12.0f}{written:>7}"
+              f"{'same' if same else 'DIFF':>9}{dice:>7.3f}")
+    print("(vs nnU-Net: nnUNetv2_predict's wall time over this row's, at its defaults or with the same mirrors)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
