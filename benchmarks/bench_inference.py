@@ -1,7 +1,10 @@
 """Sliding-window inference: medseg's engine vs MONAI ``sliding_window_inference`` vs nnU-Net's predictor.
 
 Same network (a small pure-torch 3D U-Net, seeded), same random volume, same patch, overlap and Gaussian
-weighting (sigma = patch/8), no mirroring, float32. Each engine runs in its own process so that its peak memory
+weighting (sigma = patch/8), no mirroring. Engines: ``medseg`` (float32), ``medseg_compile`` (float32, network
+compiled by ``medseg.inference.compiled`` before timing; the compile time is printed apart), ``medseg_bf16``
+(bf16 autocast, medseg's ``--amp auto`` on a CPU with bf16), ``monai`` (float32), ``monai_bf16`` (MONAI under the
+same bf16 autocast, the like-for-like peer of medseg_bf16) and ``nnunet`` (float32, as nnU-Net runs on a CPU). Each engine runs in its own process so that its peak memory
 (max RSS) is its own. Printed per engine: seconds (best of --repeats), voxels/s, peak RSS, the share of time spent
 outside the network's forward passes, and the max abs difference to a float64 run of the same engine (medseg: a
 naive float64 overlap-tile reference with its window placement; MONAI: MONAI itself in float64; nnU-Net: the
@@ -145,14 +148,32 @@ def run_medseg_bf16(net, image, a, dtype=torch.float32):
     return run_medseg(net, image, a, amp=torch.bfloat16)
 
 
-ENGINES = {"medseg": run_medseg, "medseg_bf16": run_medseg_bf16, "monai": run_monai, "nnunet": run_nnunet}
+def run_monai_bf16(net, image, a, dtype=torch.float32):
+    with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16):
+        return run_monai(net, image, a).float()
+
+
+# medseg_compile: run_medseg on the network compiled by medseg.inference.compiled (compilation before timing)
+ENGINES = {"medseg": run_medseg, "medseg_bf16": run_medseg_bf16, "medseg_compile": run_medseg, "monai": run_monai,
+           "monai_bf16": run_monai_bf16, "nnunet": run_nnunet}
 
 
 def worker(a) -> dict:
     torch.set_num_threads(a.threads)
     net, image = make_inputs(a.shape, a.classes, a.seed)
     net = net.to(a.device)
-    timed = TimedForward(net).eval()
+    compile_s = None
+    if a.worker == "medseg_compile":
+        from medseg.inference.compiled import FixedBatch, compile_for_inference
+
+        t = time.perf_counter()
+        compiled = compile_for_inference(net, (a.batch, 1, *a.patch), torch.device(a.device))
+        compile_s = time.perf_counter() - t
+        if not isinstance(compiled, FixedBatch):
+            raise SystemExit("torch.compile failed (see the log)")
+        timed = TimedForward(compiled).eval()
+    else:
+        timed = TimedForward(net).eval()
     run = ENGINES[a.worker]
     with torch.no_grad():
         run(timed, image, a)  # warm-up
@@ -172,7 +193,7 @@ def worker(a) -> dict:
     if a.check:
         if a.worker.startswith("medseg"):
             ref = reference_float64(net.cpu(), image, a.patch, a.overlap)
-        elif a.worker == "monai":
+        elif a.worker.startswith("monai"):
             with torch.no_grad():
                 ref = run_monai(net.double().cpu(), image.double(), argparse.Namespace(**{**vars(a), "device": "cpu"}),
                                 torch.float64)
@@ -183,7 +204,7 @@ def worker(a) -> dict:
     np.save(a.out_file, out.numpy())
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None
     return {"engine": a.worker, "seconds": best, "forward_seconds": fwd, "peak_rss_mb": peak,
-            "gpu_peak_mb": gpu_peak, "max_abs_diff_fp64": diff}
+            "gpu_peak_mb": gpu_peak, "max_abs_diff_fp64": diff, "compile_s": compile_s}
 
 
 def main() -> None:
@@ -199,7 +220,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the engines (best is kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the float64 comparisons")
-    p.add_argument("--engines", nargs="+", default=["medseg", "medseg_bf16", "monai", "nnunet"])
+    p.add_argument("--engines", nargs="+",
+                   default=["medseg", "medseg_compile", "medseg_bf16", "monai", "monai_bf16", "nnunet"])
     p.add_argument("--nnunet-python", default="/tmp/nnunet-venv/bin/python",
                    help="interpreter with nnunetv2 installed (skipped when absent)")
     p.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
@@ -261,6 +283,9 @@ def main() -> None:
         dm = f"{np.abs(outs[r['engine']] - outs['medseg']).max():.2e}" if "medseg" in outs else "n/a"
         print(f"{r['engine']:<12} {r['seconds']:>8.2f} {voxels / r['seconds'] / 1e6:>8.2f} {ratio:>9} "
               f"{r['peak_rss_mb']:>12.0f} {outside:>11.1%} {d64:>12} {dm:>14}")
+    for r in rows:
+        if r.get("compile_s"):
+            print(f"({r['engine']}: {r['compile_s']:.1f} s of compilation before timing, once per process and network)")
     print("(x medseg > 1: slower than medseg; max|d| medseg differs also because window placement differs)")
 
 

@@ -102,7 +102,8 @@ def main() -> None:
     plans = a.nnunet_root / "preprocessed" / "Dataset004_Hippocampus" / "nnUNetPlans_medseg.json"
     if Path(a.nnunet_python).exists() and plans.is_file():
         res = subprocess.run([a.nnunet_python, str(Path(__file__).with_name("nnunet_hippocampus.py")), "train-bench",
-                              "--root", str(a.nnunet_root), "--steps", str(a.steps)], capture_output=True, text=True)
+                              "--root", str(a.nnunet_root), "--steps", str(a.steps),
+                              "--batch", str(a.batch)], capture_output=True, text=True)
         if res.returncode == 0:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             if r["batch"] != a.batch or list(r["patch"]) != list(patch):

@@ -73,16 +73,18 @@ def setup(data: Path, root: Path, features: list[int], batch: int) -> None:
     print(f"{PLANS}: features {arch['features_per_stage']}, batch {batch} -> {pre / (PLANS + '.json')}")
 
 
-def train_bench(root: Path, steps: int, fold: int) -> None:
+def train_bench(root: Path, steps: int, fold: int, batch: int | None = None) -> None:
     env = _env(root)
     os.environ.update(env)
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     pre = Path(env["nnUNet_preprocessed"]) / DATASET
-    plans = load_json(str(pre / f"{PLANS}.json"))
-    dataset_json = load_json(str(pre / "dataset.json"))
+    plans = json.loads((pre / f"{PLANS}.json").read_text())
+    if batch:
+        plans["configurations"]["3d_fullres"]["batch_size"] = int(batch)
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
+    dataset_json = json.loads((pre / "dataset.json").read_text())
     tr = nnUNetTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
     tr.num_epochs = 1
     tr.on_train_start()
@@ -117,11 +119,12 @@ def main() -> None:
     t.add_argument("--root", type=Path, required=True)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--fold", type=int, default=0)
+    t.add_argument("--batch", type=int, default=None, help="batch size (default: the plans variant's)")
     a = ap.parse_args()
     if a.cmd == "setup":
         setup(a.data, a.root, a.features, a.batch)
     else:
-        train_bench(a.root, a.steps, a.fold)
+        train_bench(a.root, a.steps, a.fold, a.batch)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,48 @@ def test_wrong_output_tile_is_explained():
     net = _net(3, 1, 2, valid=True)
     with pytest.raises(ValueError, match="valid_crop"):
         sliding_window_predict(net, torch.zeros(1, 10, 10, 10), patch_size=(8, 8, 8))
+
+
+def test_fixed_batch_pads_to_the_compiled_batch_and_returns_the_real_rows():
+    from medseg.inference.compiled import FixedBatch
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return (x * 2, x)  # deep-supervision style tuple: the first output is the prediction
+
+    x = torch.randn(3, 1, 4, 4)
+    y = FixedBatch(Probe(), 5)(x)
+    assert seen == [(5, 1, 4, 4)] and torch.equal(y, x * 2)
+
+
+def test_compile_failure_falls_back_to_the_eager_network_and_logs(monkeypatch, caplog):
+    from medseg.inference import compiled
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = _net(2, 1, 2)
+    with caplog.at_level(logging.WARNING, logger="medseg.inference.compiled"):
+        out = compiled.compile_for_inference(net, (2, 1, 8, 8), torch.device("cpu"))
+    assert out is net
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="torch.compile on a CPU needs a C++ compiler (g++)")
+def test_compiled_engine_equals_eager_on_every_window_batch():
+    """Compiled once for (5, C, *patch), it serves the last, smaller batch too (no recompilation) and equals eager."""
+    from medseg.inference.compiled import FixedBatch, compile_for_inference
+
+    net = _net(3, 1, 3)
+    image = torch.randn(1, 20, 18, 13)
+    # 4 x 4 x 3 = 48 windows in batches of 5: the last batch has 3
+    kw = {"patch_size": (8, 8, 8), "overlap": 0.5, "batch_size": 5, "mirror_axes": (0,), "activation": "softmax"}
+    eager = sliding_window_predict(net, image, **kw)
+    compiled = compile_for_inference(net, (5, 1, 8, 8, 8), torch.device("cpu"))
+    assert isinstance(compiled, FixedBatch)
+    out = sliding_window_predict(compiled, image, **kw)
+    assert out.shape == eager.shape and torch.allclose(out, eager, atol=1e-5)

@@ -38,9 +38,12 @@ class InferenceOptions:
         tta: test-time mirroring over the configuration's ``mirror_axes``.
         overlap: sliding-window overlap in ``[0, 1)``.
         batch_size: windows per forward pass (default: the configuration's training batch size, at most 8).
-        amp: ``"auto"`` (fp16 autocast on CUDA, float32 on CPU), ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        amp: ``"auto"`` (fp16 autocast on CUDA; bf16 on CPUs with native bf16, else float32), ``"bf16"``,
+            ``"fp16"`` or ``"fp32"``.
         postprocess: apply the run's ``postprocessing.json``.
         checkpoint: ``"best"`` (falls back to ``latest`` when absent) or ``"latest"``.
+        compile: ``torch.compile`` each fold's network once for the window shape
+            (:mod:`medseg.inference.compiled`; pays off over many cases in float32 or on CUDA).
     """
 
     tta: bool = True
@@ -49,6 +52,7 @@ class InferenceOptions:
     amp: str = "auto"
     postprocess: bool = True
     checkpoint: str = "best"
+    compile: bool = False
 
 
 @dataclass
@@ -206,6 +210,7 @@ class Predictor:
         self.mirror_axes = tuple(self.config.get("mirror_axes", ())) if self.options.tta else ()
         self.batch_size = int(self.options.batch_size or min(int(self.config.get("batch_size", 2)), 8))
         self.valid_crop = _valid_crop(self.networks[0], self.patch_size, int(plan["in_channels"]), self.device)
+        self._compiled = not self.options.compile  # compiled at the first prediction, not for an empty batch
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -218,7 +223,7 @@ class Predictor:
             folds: folds to ensemble; default: the folds listed in ``model.json`` (else every ``fold_K``).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when available.
             **options: fields of :class:`InferenceOptions` (``tta``, ``overlap``, ``batch_size``, ``amp``,
-                ``postprocess``, ``checkpoint``).
+                ``postprocess``, ``checkpoint``, ``compile``).
 
         Returns:
             A ready Predictor.
@@ -337,6 +342,12 @@ class Predictor:
         Returns:
             ``(K, *spatial)`` float32 probabilities (on the accumulation device).
         """
+        if not self._compiled:
+            from medseg.inference.compiled import compile_for_inference
+
+            shape = (self.batch_size, int(self.plan["in_channels"]), *self.patch_size)
+            self.networks = [compile_for_inference(n, shape, self.device, self.amp_dtype) for n in self.networks]
+            self._compiled = True
         image_t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
         kw = dict(patch_size=self.patch_size, overlap=self.options.overlap, mirror_axes=self.mirror_axes,
                   batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
