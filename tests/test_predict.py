@@ -155,6 +155,20 @@ def test_fold_ensemble_is_the_mean_of_folds(run_dir):
     assert not torch.allclose(f0, f1, atol=1e-3)
 
 
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="torch.compile on a CPU needs a C++ compiler (g++)")
+def test_compiled_predictor_equals_eager(run_dir):
+    """compile=True compiles each fold's network once, at the first prediction, and changes nothing but speed."""
+    from medseg.inference.compiled import FixedBatch
+
+    image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 21, 18, 11)).astype(np.float32))
+    eager = Predictor.from_run(run_dir, device="cpu", amp="fp32").predict_array(image)
+    pred = Predictor.from_run(run_dir, device="cpu", amp="fp32", compile=True)
+    assert not any(isinstance(n, FixedBatch) for n in pred.networks)  # nothing compiled before a case
+    out = pred.predict_array(image)
+    assert all(isinstance(n, FixedBatch) for n in pred.networks) and len(pred.networks) == 2
+    np.testing.assert_allclose(out.numpy(), eager.numpy(), atol=1e-5)
+
+
 def test_uncertainty_and_probabilities(run_dir):
     image, _ = synthetic_case(8, spacing=(1.5, 1.5, 1.5), oblique=False)
     out = Predictor.from_run(run_dir, device="cpu").predict_full(image, probabilities=True, uncertainty=True)
