@@ -119,8 +119,10 @@ def test_kill_9_then_resume_finishes_the_same_run(tmp_path, demo_data):
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if (fold / "metrics.csv").is_file() and len((fold / "metrics.csv").read_text().splitlines()) >= 3:
-                break  # two epochs done and checkpointed
+            # two epochs done and checkpointed (the checkpoint is written after the metrics row, atomically)
+            ckpt = fold / "checkpoint_latest.pt"
+            if ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] >= 1:
+                break
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
