@@ -141,9 +141,21 @@ def surface_distances(
         return np.full(int(pred_s.sum()), np.inf), np.zeros(0)
     if not pred_s.any():
         return np.zeros(0), np.full(int(ref_s.sum()), np.inf)
-    to_ref = ndimage.distance_transform_edt(~ref_s, sampling=sampling)
-    to_pred = ndimage.distance_transform_edt(~pred_s, sampling=sampling)
-    return to_ref[pred_s], to_pred[ref_s]
+    # exact nearest-surface-voxel distances by k-d trees over the surface points (in mm): the cost follows the
+    # surface, not the bounding box, which scattered false positives can make the whole image (an EDT of the
+    # box gives the same values, 2-10x slower; MONAI >= 1.4 does the same)
+    from scipy.spatial import cKDTree
+
+    scale = np.asarray(sampling, dtype=np.float64)
+    p_idx, r_idx = np.argwhere(pred_s), np.argwhere(ref_s)
+
+    def nearest(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        nn = cKDTree(dst * scale, leafsize=32).query(src * scale, k=1)[1]
+        # the distance from integer offsets times the spacing, as the EDT computes it, so that a distance equal
+        # to the NSD tolerance compares the same way (scaled coordinates would round differently)
+        return np.sqrt((((src - dst[nn]) * scale) ** 2).sum(axis=1))
+
+    return nearest(p_idx, r_idx), nearest(r_idx, p_idx)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -173,3 +173,18 @@ def test_surface_distances_cropping_matches_uncropped():
     full2 = ndimage.distance_transform_edt(~s1, sampling=spacing)[s2]
     np.testing.assert_allclose(d1, full1)
     np.testing.assert_allclose(d2, full2)
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 1.1, 3.0), (1.0, 1.0, 1.0), (0.3, 1.7, 0.45)])
+def test_surface_distances_equal_the_euclidean_distance_transform(spacing):
+    """The k-d tree distances are the EDT's (to rounding: 1 ulp where two surface voxels tie), also with
+    scattered voxels far from the structure."""
+    from medseg.metrics import _surface
+
+    rng = np.random.default_rng(7)
+    pred, ref = _blob(rng, (30, 26, 14)), _blob(rng, (30, 26, 14))
+    pred[tuple(rng.integers(0, s, 6) for s in pred.shape)] = True  # scattered false positives
+    d_pred, d_ref = surface_distances(pred, ref, spacing)
+    ps, rs = _surface(pred), _surface(ref)
+    np.testing.assert_allclose(d_pred, ndimage.distance_transform_edt(~rs, sampling=spacing)[ps], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(d_ref, ndimage.distance_transform_edt(~ps, sampling=spacing)[rs], rtol=1e-14, atol=0)
