@@ -164,12 +164,12 @@ def worker(a) -> dict:
     net = net.to(a.device)
     compile_s = None
     if a.worker == "medseg_compile":
-        from medseg.inference.compiled import FixedBatch, compile_for_inference
+        from medseg.inference.compiled import CompiledNetwork, compile_for_inference
 
         t = time.perf_counter()
         compiled = compile_for_inference(net, (a.batch, 1, *a.patch), torch.device(a.device))
         compile_s = time.perf_counter() - t
-        if not isinstance(compiled, FixedBatch):
+        if not isinstance(compiled, CompiledNetwork):
             raise SystemExit("torch.compile failed (see the log)")
         timed = TimedForward(compiled).eval()
     else:

@@ -194,19 +194,21 @@ def test_wrong_output_tile_is_explained():
         sliding_window_predict(net, torch.zeros(1, 10, 10, 10), patch_size=(8, 8, 8))
 
 
-def test_fixed_batch_pads_to_the_compiled_batch_and_returns_the_real_rows():
-    from medseg.inference.compiled import FixedBatch
-
-    seen = []
+def test_compiled_network_runs_the_compiled_shape_compiled_and_other_batches_eager():
+    from medseg.inference.compiled import CompiledNetwork
 
     class Probe(nn.Module):
-        def forward(self, x):
-            seen.append(tuple(x.shape))
-            return (x * 2, x)  # deep-supervision style tuple: the first output is the prediction
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
 
-    x = torch.randn(3, 1, 4, 4)
-    y = FixedBatch(Probe(), 5)(x)
-    assert seen == [(5, 1, 4, 4)] and torch.equal(y, x * 2)
+        def forward(self, x):
+            return (x * self.k, x)  # deep-supervision style tuple: the first output is the prediction
+
+    net = CompiledNetwork(Probe(2), Probe(3), (4, 1, 4, 4))
+    full, part = torch.randn(4, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    assert torch.equal(net(full), full * 2)  # the compiled graph's shape
+    assert torch.equal(net(part), part * 3)  # a smaller last batch: the eager network, no recompilation
 
 
 def test_compile_failure_falls_back_to_the_eager_network_and_logs(monkeypatch, caplog):
@@ -225,8 +227,8 @@ def test_compile_failure_falls_back_to_the_eager_network_and_logs(monkeypatch, c
 
 @pytest.mark.skipif(not __import__("shutil").which("g++"), reason="torch.compile on a CPU needs a C++ compiler (g++)")
 def test_compiled_engine_equals_eager_on_every_window_batch():
-    """Compiled once for (5, C, *patch), it serves the last, smaller batch too (no recompilation) and equals eager."""
-    from medseg.inference.compiled import FixedBatch, compile_for_inference
+    """Compiled for (5, C, *patch), it serves the last, smaller batch too (its own graph) and equals eager."""
+    from medseg.inference.compiled import CompiledNetwork, compile_for_inference
 
     net = _net(3, 1, 3)
     image = torch.randn(1, 20, 18, 13)
@@ -234,6 +236,6 @@ def test_compiled_engine_equals_eager_on_every_window_batch():
     kw = {"patch_size": (8, 8, 8), "overlap": 0.5, "batch_size": 5, "mirror_axes": (0,), "activation": "softmax"}
     eager = sliding_window_predict(net, image, **kw)
     compiled = compile_for_inference(net, (5, 1, 8, 8, 8), torch.device("cpu"))
-    assert isinstance(compiled, FixedBatch)
+    assert isinstance(compiled, CompiledNetwork)
     out = sliding_window_predict(compiled, image, **kw)
     assert out.shape == eager.shape and torch.allclose(out, eager, atol=1e-5)

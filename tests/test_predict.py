@@ -158,14 +158,14 @@ def test_fold_ensemble_is_the_mean_of_folds(run_dir):
 @pytest.mark.skipif(not __import__("shutil").which("g++"), reason="torch.compile on a CPU needs a C++ compiler (g++)")
 def test_compiled_predictor_equals_eager(run_dir):
     """compile=True compiles each fold's network once, at the first prediction, and changes nothing but speed."""
-    from medseg.inference.compiled import FixedBatch
+    from medseg.inference.compiled import CompiledNetwork
 
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 21, 18, 11)).astype(np.float32))
     eager = Predictor.from_run(run_dir, device="cpu", amp="fp32").predict_array(image)
     pred = Predictor.from_run(run_dir, device="cpu", amp="fp32", compile=True)
-    assert not any(isinstance(n, FixedBatch) for n in pred.networks)  # nothing compiled before a case
+    assert not any(isinstance(n, CompiledNetwork) for n in pred.networks)  # nothing compiled before a case
     out = pred.predict_array(image)
-    assert all(isinstance(n, FixedBatch) for n in pred.networks) and len(pred.networks) == 2
+    assert all(isinstance(n, CompiledNetwork) for n in pred.networks) and len(pred.networks) == 2
     np.testing.assert_allclose(out.numpy(), eager.numpy(), atol=1e-5)
 
 

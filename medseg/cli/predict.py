@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="mixed precision (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network once per fold (float32 CPU or CUDA: faster over many cases)")
+                   help="torch.compile each fold's network once (faster full window batches on large volumes; "
+                        "not for small crops)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities.nii.gz")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write CASE_uncertainty.nii.gz (predictive entropy over mirrors and folds)")

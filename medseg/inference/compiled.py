@@ -1,10 +1,13 @@
 """Compiled inference networks: ``torch.compile`` (inductor) with the weights frozen into the graph.
 
-Sliding windows always have one shape, so a network compiled once for ``(batch, C, *patch)`` serves every window
-batch of every case; :class:`FixedBatch` pads the last, smaller batch of a case to that shape (no recompilation).
-Measured on a 2-core AVX512 CPU (docs/benchmarks.md): float32 window batches 1.4-1.5x faster than eager, after
-7-25 s of compilation per network (so it pays off over a folder, not for one small case); under bf16 autocast on
-that CPU the eager network was faster, so ``--compile`` is for float32 (CPUs without bf16) and CUDA.
+Sliding windows have one spatial shape, so a network compiled once for ``(batch, C, *patch)`` serves every full
+window batch of every case; a smaller batch (a case's last, or a whole case with fewer windows than the batch)
+runs the eager network (:class:`CompiledNetwork`). Both alternatives measured worse on MSD hippocampus crops (one
+or two windows per case): a static graph per batch size recompiled for 3-4 s each, and padding to the full batch
+cost up to 4x the compute. So compilation pays off on large volumes (many full batches), not on small crops.
+Measured on a 2-core AVX512 CPU (docs/benchmarks.md): float32 window batches from no gain to 1.5x faster,
+depending on network, batch and threads, after 7-25 s of compilation per network; under bf16 autocast on that
+CPU the eager network was faster. ``--compile`` is therefore opt-in.
 Compilation needs a C++ compiler on a CPU (Triton on CUDA); when it fails the uncompiled network is used and the
 reason is logged.
 """
@@ -18,32 +21,44 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["FixedBatch", "compile_for_inference"]
+__all__ = ["CompiledNetwork", "compile_for_inference"]
 
 log = logging.getLogger(__name__)
 
 
-class FixedBatch(nn.Module):
-    """Runs ``net`` on batches padded (with zeros) to ``batch`` rows and returns the real rows only.
+class CompiledNetwork(nn.Module):
+    """Runs window batches of the compiled shape through the compiled network (with inductor's weight freezing
+    on) and any other batch through the eager one; returns the first output of several (deep supervision).
 
     Args:
-        net: the (compiled) network.
-        batch: the batch size ``net`` was compiled for.
+        compiled: the result of ``torch.compile(network, dynamic=False)``.
+        network: the eager network.
+        shape: the input shape ``compiled`` was compiled for.
     """
 
-    def __init__(self, net: nn.Module, batch: int):
+    def __init__(self, compiled: nn.Module, network: nn.Module, shape: tuple[int, ...]):
         super().__init__()
-        self.net = net
-        self.batch = int(batch)
+        self.compiled = compiled
+        self.network = network
+        self.shape = tuple(int(s) for s in shape)
+        self.failed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n < self.batch:
-            x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
-        y = self.net(x)
-        if isinstance(y, (list, tuple)):
-            y = y[0]
-        return y[:n]
+        import torch._inductor.config as inductor_config  # freezing: weights become graph constants (inference)
+
+        if tuple(x.shape) != self.shape or self.failed:
+            y = self.network(x)
+        else:
+            try:
+                with inductor_config.patch(freezing=True):
+                    y = self.compiled(x)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the engine's out-of-memory fallback handles it
+            except Exception as exc:  # e.g. a recompilation that fails: go on uncompiled
+                log.warning("the compiled network failed (%s); running uncompiled from now on", type(exc).__name__)
+                self.failed = True
+                y = self.network(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
 
 
 def compile_for_inference(net: nn.Module, example_shape: tuple[int, ...], device: torch.device,
@@ -57,13 +72,14 @@ def compile_for_inference(net: nn.Module, example_shape: tuple[int, ...], device
         amp_dtype: the autocast dtype inference runs under (None: float32).
 
     Returns:
-        A :class:`FixedBatch` around the compiled network, or ``net`` itself when compilation fails (logged).
+        A :class:`CompiledNetwork`, or ``net`` itself when compilation fails (logged).
     """
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     try:
-        import torch._inductor.config as inductor_config  # freezing: weights become graph constants (inference)
+        import torch._inductor.config as inductor_config
 
+        # dynamic=False: one static graph (a dynamic batch dimension failed to compile in torch 2.13)
         compiled = torch.compile(net, dynamic=False)
         with inductor_config.patch(freezing=True), torch.inference_mode(), amp:
             compiled(torch.zeros(example_shape, device=device))
@@ -73,4 +89,4 @@ def compile_for_inference(net: nn.Module, example_shape: tuple[int, ...], device
         return net
     log.info("compiled the network for %s windows in %.1f s", "x".join(map(str, example_shape)),
              time.perf_counter() - t0)
-    return FixedBatch(compiled, example_shape[0])
+    return CompiledNetwork(compiled, net, example_shape)

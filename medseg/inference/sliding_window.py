@@ -266,12 +266,13 @@ def _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype
     flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations([a + 2 for a in axes], r)]
     for b0 in range(0, len(windows), bs):
         chunk = windows[b0:b0 + bs]
-        batch = torch.stack([_gather(src, n, pos, pad_lo, crop, patch, spatial) for n, pos in chunk])
-        batch = batch.to(device, non_blocking=True)
         out = None
         amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
+            # built in inference mode like the flipped copies, so a compiled network sees one kind of tensor
+            batch = torch.stack([_gather(src, n, pos, pad_lo, crop, patch, spatial) for n, pos in chunk])
+            batch = batch.to(device, non_blocking=True)
             for flip in flips:
                 x = torch.flip(batch, flip) if flip else batch
                 y = network(x)
