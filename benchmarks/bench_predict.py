@@ -120,15 +120,17 @@ def main() -> None:
               "nnUNet_results": str(a.nnunet_root / "results")}
     nnunet = [str(nn_bin), "-i", str(tmp / "in"), "-d", "4", "-c", "3d_fullres", "-p", "nnUNetPlans_medseg", "-f",
               "0", "-chk", "checkpoint_final.pth", "-device", "cpu"]
+    # (name, precision and mirrors, command, environment, key, key of the nnU-Net row it is compared with)
     rows = [
-        ("medseg, defaults", f"auto, {len(trained_axes)} axes", medseg + ["-m", str(a.medseg_run)], env, "m0"),
-        ("nnUNetv2_predict, defaults", "fp32, 3 axes", nnunet, nn_env, "n0"),
-        ("medseg, nnU-Net's mirrors", "auto, 3 axes", medseg + ["-m", str(run3)], env, "m3"),
-        ("medseg, fp32, nnU-Net's mirrors", "fp32, 3 axes", medseg + ["-m", str(run3), "--amp", "fp32"], env, "m3f"),
-        ("medseg, no mirroring", "auto, none", medseg + ["-m", str(a.medseg_run), "--no-tta"], env, "mn"),
+        ("medseg, defaults", f"auto, {len(trained_axes)} axes", medseg + ["-m", str(a.medseg_run)], env, "m0", "n0"),
+        ("nnUNetv2_predict, defaults", "fp32, 3 axes", nnunet, nn_env, "n0", "n0"),
+        ("medseg, nnU-Net's mirrors", "auto, 3 axes", medseg + ["-m", str(run3)], env, "m3", "n0"),
+        ("medseg, fp32, nnU-Net's mirrors", "fp32, 3 axes", medseg + ["-m", str(run3), "--amp", "fp32"], env, "m3f",
+         "n0"),
+        ("medseg, no mirroring", "auto, none", medseg + ["-m", str(a.medseg_run), "--no-tta"], env, "mn", "nn"),
         ("medseg, fp32, no mirroring", "fp32, none", medseg + ["-m", str(a.medseg_run), "--no-tta", "--amp", "fp32"],
-         env, "mnf"),
-        ("nnUNetv2_predict --disable_tta", "fp32, none", nnunet + ["--disable_tta"], nn_env, "nn"),
+         env, "mnf", "nn"),
+        ("nnUNetv2_predict --disable_tta", "fp32, none", nnunet + ["--disable_tta"], nn_env, "nn", "nn"),
     ]
     if not nn_bin.exists():
         print(f"[skip] nnU-Net rows: {nn_bin} not found")
@@ -137,7 +139,7 @@ def main() -> None:
         rows = [r for r in rows if r[4] in a.rows]
     best: dict[str, tuple[float, float]] = {}
     for _ in range(a.rounds):
-        for name, _, cmd, e, key in rows:
+        for name, _, cmd, e, key, _ in rows:
             out = tmp / f"out_{key}"
             shutil.rmtree(out, ignore_errors=True)
             try:
@@ -151,16 +153,12 @@ def main() -> None:
           f"patch from the plan, CPU, {os.cpu_count()} cores, best of {a.rounds} rounds")
     print(f"{'command':<34}{'precision, mirrors':>20}{'wall s':>8}{'s/case':>8}{'vs nnU-Net':>11}{'peak RSS MB':>12}"
           f"{'masks':>7}{'geometry':>9}{'Dice':>7}")
-    ref = {"defaults": best.get("n0", (None,))[0], "3 axes": best.get("n0", (None,))[0],
-           "none": best.get("nn", (None,))[0]}
-    for name, prec, _, _, key in rows:
+    for name, prec, _, _, key, ref in rows:
         if key not in best:
             continue
         dt, rss = best[key]
         written, same, dice = _check(tmp / f"out_{key}", cases, a.data)
-        base = ref["defaults"] if "defaults" in name else ref[prec.split(", ")[1]] if prec.split(", ")[1] in ref \
-            else None
-        ratio = f"{base / dt:.2f}x" if base else "-"
+        ratio = f"{best[ref][0] / dt:.2f}x" if ref in best else "-"
         print(f"{name:<34}{prec:>20}{dt:>8.1f}{dt / len(cases):>8.2f}{ratio:>11}{rss:>12.0f}{written:>7}"
               f"{'same' if same else 'DIFF':>9}{dice:>7.3f}")
     print("(vs nnU-Net: nnUNetv2_predict's wall time over this row's, at its defaults or with the same mirrors)")

@@ -92,3 +92,24 @@ def test_training_mirror_axes_become_the_runs_test_time_mirror_axes():
     bad = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"mirror_axes": [3]}}})
     with pytest.raises(ConfigError, match=r"mirror_axes"):
         _apply_train_overrides(plan, bad)
+
+
+def test_training_flips_the_run_plans_mirror_axes(tmp_path, monkeypatch):
+    """Training augmentation reads the mirror axes from the run's plan (what inference reads), so a plan.json
+    edited by hand and the training flips cannot disagree; a pipeline without augmentation stays without."""
+    import medseg.data.loader
+    from medseg.training.fold import RunData, _loader
+
+    class Recorder:  # stands in for PatchLoader: records the augmentation it is given
+        def __init__(self, cache_dir, case_ids, *, augmentation=None):
+            self.augmentation = augmentation
+
+    monkeypatch.setattr(medseg.data.loader, "PatchLoader", Recorder)
+
+    plan = {"spatial_dims": 3, "configurations": {"3d_fullres": {"patch_size": [8, 8, 8], "batch_size": 2,
+                                                                 "mirror_axes": [2]}}}
+    p = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"p_rotation": 0.0}}})
+    run = RunData(p, None, plan, [], tmp_path)
+    assert _loader(run, ["a"], 0, 0).augmentation == {"p_rotation": 0.0, "mirror_axes": [2]}
+    none = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": None}})
+    assert _loader(RunData(none, None, plan, [], tmp_path), ["a"], 0, 0).augmentation is None

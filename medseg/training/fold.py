@@ -283,7 +283,10 @@ def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_
         "batch_size": cfg.batch_size or conf["batch_size"],
         "spatial_dims": 2 if conf.get("slicewise") or int(run.plan["spatial_dims"]) == 2 else 3,
         "oversample_foreground": cfg.oversample_foreground,
-        "augmentation": cfg.augmentation,
+        # the run plan's mirror axes (the pipeline's augmentation.mirror_axes, else the planner's) are what both
+        # training and test-time mirroring flip, so a plan.json edited by hand cannot make them disagree
+        "augmentation": None if cfg.augmentation is None else {
+            **cfg.augmentation, "mirror_axes": conf.get("mirror_axes", cfg.augmentation.get("mirror_axes"))},
         "seed": seed,
         "fold": fold,
         "num_workers": cfg.num_workers,
