@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     manifest = load_manifest(args.data)
     plan = make_plan(fingerprint(manifest))
-    cfg = plan["configurations"]["3d_fullres"]
-    patch, bs = cfg["patch_size"], cfg["batch_size"]
+    cfg = plan.configuration("3d_fullres")
+    patch, bs = cfg.patch_size, cfg.batch_size
     cache_root = Path(args.cache or tempfile.mkdtemp(prefix="medseg-bench-"))
     t = time.perf_counter()
     out = preprocess_dataset(manifest, plan, "3d_fullres", cache_root)

@@ -43,17 +43,20 @@ def _inputs(run: Path, data: Path, n: int, folder: Path) -> list[str]:
 
 
 def _run_copy(run: Path, mirror_axes: list[int], dst: Path) -> Path:
-    """A model folder like ``run`` whose plan mirrors ``mirror_axes`` at test time (fold folders linked)."""
+    """A model folder like ``run`` whose model record mirrors ``mirror_axes`` at test time (fold folders linked)."""
+    import dataclasses
+
+    from medseg.planning import load_model_record, write_model_record
+
     dst.mkdir()
     for p in run.iterdir():
         if p.name.startswith("fold_"):
             (dst / p.name).symlink_to(p.resolve())
         elif p.is_file():
             shutil.copy2(p, dst / p.name)
-    plan = json.loads((dst / "plan.json").read_text())
-    conf = json.loads((dst / "model.json").read_text())["configuration"]
-    plan["configurations"][conf]["mirror_axes"] = mirror_axes
-    (dst / "plan.json").write_text(json.dumps(plan, indent=1))
+    record = load_model_record(run)
+    write_model_record(dst, dataclasses.replace(record, config=dataclasses.replace(record.config,
+                                                                                  mirror_axes=mirror_axes)))
     return dst
 
 
@@ -108,8 +111,9 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     cases = _inputs(a.medseg_run, a.data, a.cases, tmp / "in")
-    conf_name = json.loads((a.medseg_run / "model.json").read_text())["configuration"]
-    trained_axes = json.loads((a.medseg_run / "plan.json").read_text())["configurations"][conf_name]["mirror_axes"]
+    from medseg.planning import load_model_record
+
+    trained_axes = load_model_record(a.medseg_run).config.mirror_axes
     run3 = _run_copy(a.medseg_run, [0, 1, 2], tmp / "run_mirror3")
     medseg = [sys.executable, "-m", "medseg.cli.main", "-q", "predict", "-i", str(tmp / "in"), "--device", "cpu",
               "--overwrite"]

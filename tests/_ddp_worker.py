@@ -16,7 +16,7 @@ from medseg.training.trainer import Trainer  # noqa: E402
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
 rank, world = _dist_setup()
-cfg = TrainConfig(epochs=2, batches_per_epoch=2, optimizer="adamw", lr=0.01, val_every=1, amp="none",
+cfg = TrainConfig(epochs=2, batches_per_epoch=2, optimizer="adamw", lr=0.01, val_every=1, amp="fp32",
                   checkpoint_every=1).validate()
 net, spec = tiny_net(seed=0)
 trainer = Trainer(net, spec, build_loss("dice_ce", num_classes=3), cfg, out / "fold_0",

@@ -22,3 +22,15 @@ def shared_path(*parts: str) -> Path:
 def shared_data():
     """Callable fixture: ``shared_data("hippocampus")`` -> Path, skipping when ../shared/data is absent."""
     return shared_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine's cores are shared: one torch thread avoids spin-wait contention (up to 40x slower).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

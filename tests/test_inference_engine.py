@@ -18,14 +18,7 @@ from medseg.inference.sliding_window import (
     window_starts,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one torch thread avoids spin-wait contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(nd: int, cin: int, k: int, *, valid: bool = False, seed: int = 0) -> nn.Module:

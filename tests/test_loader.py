@@ -109,10 +109,12 @@ def test_worker_processes_reproduce_in_process_batches(cache):
 
 def test_2d_slices_from_3d_cases(cache):
     _, plan, _, out2 = cache
-    cfg = plan["configurations"]["2d"]
+    cfg = plan.configuration("2d")
     loader = PatchLoader(out2, [f"c{i}" for i in range(5)], patch_size=[16, 16], batch_size=6, spatial_dims=2,
-                         num_batches=3, seed=1)
-    assert loader.slice_axis == cfg["slice_axis"]
+                         num_batches=3, seed=1, slice_axis=cfg.slice_axis)
+    assert loader.slice_axis == cfg.slice_axis
+    with pytest.raises(InputError, match="slice_axis"):  # 2D patches of 3D cases need the configuration's axis
+        PatchLoader(out2, ["c0"], patch_size=[16, 16], batch_size=2, spatial_dims=2)
     for b in loader.epoch(0):
         assert b["image"].shape == (6, 1, 16, 16) and b["label"].shape == (6, 1, 16, 16)
         assert all(bool((b["label"][i] > 0).any()) for i in range(4, 6))

@@ -60,32 +60,32 @@ def _fp(spacing=(1.0, 1.0, 1.0), shape=(35, 50, 36), n=200, modality="MRI", dims
 
 def test_make_plan_cpu_hippocampus_like():
     plan = make_plan(_fp(), device="cpu")
-    cfg = plan["configurations"]["3d_fullres"]
-    assert cfg["spacing"] == [1.0, 1.0, 1.0]
-    assert cfg["patch_size"] == [40, 56, 40]
-    assert cfg["batch_size"] == 8
-    kw = cfg["network"]["kwargs"]
-    assert plan["configurations"]["3d_fullres"]["network"]["name"] == "unet"
+    cfg = plan.configurations["3d_fullres"]
+    assert cfg.spacing == [1.0, 1.0, 1.0]
+    assert cfg.patch_size == [40, 56, 40]
+    assert cfg.batch_size == 8
+    kw = cfg.network.kwargs
+    assert plan.configurations["3d_fullres"].network.name == "unet"
     assert kw["features"] == [16, 32, 64, 128] and kw["strides"][0] == [1, 1, 1]
-    assert plan["normalization"][0]["scheme"] == "zscore"
-    two = plan["configurations"]["2d"]
-    assert two["slicewise"] and len(two["patch_size"]) == 2 and two["spacing"][two["slice_axis"]] is None
-    assert plan["num_classes"] == 3
+    assert plan.normalization[0].scheme == "zscore"
+    two = plan.configurations["2d"]
+    assert two.slicewise and len(two.patch_size) == 2 and two.spacing[two.slice_axis] is None
+    assert plan.num_classes == 3
 
 
 def test_make_plan_gpu_budget_and_ct_normalisation():
     fp = _fp(spacing=(0.8, 0.8, 2.5), shape=(400, 400, 120), modality="CT")
-    small = make_plan(fp, device="cuda", memory_gb=4)["configurations"]["3d_fullres"]
-    big = make_plan(fp, device="cuda", memory_gb=24)["configurations"]["3d_fullres"]
-    assert np.prod(small["patch_size"]) * small["batch_size"] < np.prod(big["patch_size"]) * big["batch_size"]
+    small = make_plan(fp, device="cuda", memory_gb=4).configurations["3d_fullres"]
+    big = make_plan(fp, device="cuda", memory_gb=24).configurations["3d_fullres"]
+    assert np.prod(small.patch_size) * small.batch_size < np.prod(big.patch_size) * big.batch_size
     for cfg, gb in ((small, 4), (big, 24)):
-        assert cfg["estimated_memory_gb"] <= gb
-        assert cfg["network"]["kwargs"]["features"][0] == 32 and max(cfg["network"]["kwargs"]["features"]) <= 320
-    norm = make_plan(fp, device="cuda")["normalization"][0]
-    assert norm["scheme"] == "ct" and norm["clip"] == [-900.0, 1500.0] and norm["mean"] == 40.0
+        assert cfg.estimated_memory_gb <= gb
+        assert cfg.network.kwargs["features"][0] == 32 and max(cfg.network.kwargs["features"]) <= 320
+    norm = make_plan(fp, device="cuda").normalization[0]
+    assert norm.scheme == "ct" and norm.clip == [-900.0, 1500.0] and norm.mean == 40.0
     # a CPU plan for the same data is much cheaper per batch than the GPU plan
-    cpu = make_plan(fp, device="cpu")["configurations"]["3d_fullres"]
-    assert np.prod(cpu["patch_size"]) * cpu["batch_size"] <= 750_000
+    cpu = make_plan(fp, device="cpu").configurations["3d_fullres"]
+    assert np.prod(cpu.patch_size) * cpu.batch_size <= 750_000
 
 
 def test_make_plan_rejects_bad_arguments():
@@ -107,16 +107,16 @@ def test_plan_save_load_hash(tmp_path):
     plan = make_plan(_fp())
     path = tmp_path / "plan.json"
     save_plan(plan, path)
-    assert load_plan(path) == json.loads(json.dumps(plan))
+    assert load_plan(path) == plan
     h = plan_hash(plan)
-    changed_batch = json.loads(json.dumps(plan))
-    changed_batch["configurations"]["3d_fullres"]["batch_size"] = 2
+    changed_batch = load_plan(path)
+    changed_batch.configurations["3d_fullres"].batch_size = 2
     assert plan_hash(changed_batch) == h  # preprocessing does not depend on batch size
-    changed_spacing = json.loads(json.dumps(plan))
-    changed_spacing["configurations"]["3d_fullres"]["spacing"] = [1.5, 1.5, 1.5]
+    changed_spacing = load_plan(path)
+    changed_spacing.configurations["3d_fullres"].spacing = [1.5, 1.5, 1.5]
     assert plan_hash(changed_spacing) != h
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**plan, "version": 99}))
+    bad.write_text(json.dumps({**plan.to_dict(), "schema_version": 99}))
     with pytest.raises(InputError, match="version"):
         load_plan(bad)
     (tmp_path / "junk.json").write_text("{not json")
@@ -158,7 +158,7 @@ def test_fingerprint_synthetic_msd(tmp_path):
     assert 130 < fp["intensity"][0]["mean"] < 140  # foreground: 2/3 at ~150, 1/3 at ~100
     assert fp["manifest_hash"] == m.hash()
     plan = make_plan(fp)
-    assert plan["configurations"]["2d"]["slice_axis"] == 2  # slices across the coarse 3 mm axis
+    assert plan.configurations["2d"].slice_axis == 2  # slices across the coarse 3 mm axis
 
 
 def test_cli_plan_prints_and_writes(tmp_path, capsys):
@@ -169,7 +169,7 @@ def test_cli_plan_prints_and_writes(tmp_path, capsys):
     assert main(["plan", str(ds), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "3d_fullres" in text and "patch" in text and "batch" in text
-    assert load_plan(out)["dataset"] == "Tiny"
+    assert load_plan(out).dataset == "Tiny"
     assert main(["plan", str(tmp_path / "missing"), "-o", str(out)]) == 1
     assert "error" in capsys.readouterr().err
 
@@ -179,13 +179,13 @@ def test_plan_hippocampus_is_sensible(shared_data):
     from medseg.data.manifest import load_manifest
 
     plan = make_plan(fingerprint(load_manifest(shared_data("hippocampus"))), device="cpu")
-    cfg = plan["configurations"]["3d_fullres"]
-    assert cfg["spacing"] == pytest.approx([1.0, 1.0, 1.0])
-    med = plan["fingerprint"]["median_shape"]
-    assert all(p >= m for p, m in zip(cfg["patch_size"], med))  # the patch covers a whole (median) case
-    assert cfg["patch_size"] == [40, 56, 40] and cfg["batch_size"] == 8
-    assert max(cfg["network"]["kwargs"]["features"]) <= 128
-    assert plan["num_classes"] == 3 and plan["normalization"][0]["scheme"] == "zscore"
+    cfg = plan.configurations["3d_fullres"]
+    assert cfg.spacing == pytest.approx([1.0, 1.0, 1.0])
+    med = plan.fingerprint["median_shape"]
+    assert all(p >= m for p, m in zip(cfg.patch_size, med))  # the patch covers a whole (median) case
+    assert cfg.patch_size == [40, 56, 40] and cfg.batch_size == 8
+    assert max(cfg.network.kwargs["features"]) <= 128
+    assert plan.num_classes == 3 and plan.normalization[0].scheme == "zscore"
 
 
 def test_cli_preprocess_writes_cache(tmp_path, capsys):
@@ -206,8 +206,8 @@ def test_cli_preprocess_writes_cache(tmp_path, capsys):
 
 def test_make_plan_for_2d_data_has_only_2d_configuration():
     plan = make_plan(_fp(spacing=(0.2, 0.2), shape=(540, 800), dims=2, n=50), device="cpu")
-    assert list(plan["configurations"]) == ["2d"]
-    cfg = plan["configurations"]["2d"]
-    assert not cfg["slicewise"] and len(cfg["patch_size"]) == 2 and cfg["mirror_axes"] == [0, 1]
-    assert np.prod(cfg["patch_size"]) * cfg["batch_size"] <= 2_000_000 and cfg["batch_size"] >= 2
-    assert all(p % d == 0 for p, d in zip(cfg["patch_size"], [2**k for k in cfg["pools_per_axis"]]))
+    assert list(plan.configurations) == ["2d"]
+    cfg = plan.configurations["2d"]
+    assert not cfg.slicewise and len(cfg.patch_size) == 2 and cfg.mirror_axes == [0, 1]
+    assert np.prod(cfg.patch_size) * cfg.batch_size <= 2_000_000 and cfg.batch_size >= 2
+    assert all(p % d == 0 for p, d in zip(cfg.patch_size, [2**k for k in cfg.pools_per_axis]))

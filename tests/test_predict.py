@@ -25,6 +25,7 @@ from medseg.inference.batch import discover_cases, parse_shard, shard_cases
 from medseg.inference.sliding_window import sliding_window_predict_slices
 from medseg.io import Volume, read_volume
 from medseg.io.nifti import write_nifti
+from medseg.planning import ModelRecord, Plan, write_model_record
 
 PLAN = {
     "version": 1, "dataset": "synthetic", "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
@@ -100,24 +101,16 @@ def _train(model_dir: Path, config: str, fold: int, steps: int, ckpt_name: str) 
                model_dir / f"fold_{fold}" / ckpt_name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one torch thread avoids spin-wait contention (40x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 3d_fullres run with two trained folds (fold 1 has only checkpoint_latest.pt)."""
-    pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
     root = tmp_path_factory.mktemp("run")
-    (root / "plan.json").write_text(json.dumps(PLAN))
-    (root / "model.json").write_text(json.dumps({"configuration": "3d_fullres", "folds": [0, 1], "num_classes": 3,
-                                                 "network": PLAN["configurations"]["3d_fullres"]["network"],
-                                                 "labels": PLAN["labels"]}))
+    plan = Plan.from_dict(PLAN)
+    write_model_record(root, ModelRecord.from_plan(plan, "3d_fullres", plan.configuration("3d_fullres"),
+                                                   folds=[0, 1]))
     _train(root, "3d_fullres", 0, 25, "checkpoint_best.pt")
     _train(root, "3d_fullres", 1, 5, "checkpoint_latest.pt")
     return root
@@ -182,9 +175,8 @@ def test_uncertainty_and_probabilities(run_dir):
 
 
 def test_slicewise_2d_configuration(tmp_path):
-    pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
-    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
-    (tmp_path / "model.json").write_text(json.dumps({"configuration": "2d", "folds": [0]}))
+    plan = Plan.from_dict(PLAN)
+    write_model_record(tmp_path, ModelRecord.from_plan(plan, "2d", plan.configuration("2d"), folds=[0]))
     _train(tmp_path, "2d", 0, 0, "checkpoint_best.pt")
     pred = Predictor.from_run(tmp_path, device="cpu", amp="fp32")  # exact comparison below
     image = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 19, 12, 5)).astype(np.float32))
@@ -201,6 +193,19 @@ def test_missing_fold_is_explained(run_dir):
 
     with pytest.raises(InputError, match=r"fold.*\[5\]"):
         Predictor.from_run(run_dir, folds=[5], device="cpu")
+
+
+def test_fold_of_the_record_missing_is_refused(run_dir, tmp_path):
+    """A model folder with one fold's folder missing does not quietly predict with the others."""
+    import shutil
+
+    from medseg.errors import InputError
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "fold_1")
+    with pytest.raises(InputError, match=r"lists fold\(s\) \[1\].*missing.*--folds 0"):
+        Predictor.from_run(tmp_path / "run", device="cpu")
+    assert Predictor.from_run(tmp_path / "run", folds=[0], device="cpu").folds == [0]  # knowingly fewer folds
 
 
 # ------------------------------------------------------------------------------------------------ batch / CLI
@@ -369,11 +374,12 @@ def test_real_dicom_series_dicom_seg(run_dir, tmp_path, shared_data):
 
 
 def test_bare_fold_folder_without_model_json(run_dir, tmp_path):
-    """A folder from `medseg train` for one fold: the configuration comes from the checkpoint."""
+    """A first-release folder from `medseg train` for one fold (no model.json): migrated in memory, the
+    configuration taken from the checkpoint."""
     from medseg.errors import InputError
 
     ckpt = torch.load(run_dir / "fold_0" / "checkpoint_best.pt", weights_only=True)
-    (tmp_path / "plan.json").write_text((run_dir / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps(PLAN))
     (tmp_path / "fold_0").mkdir()
     torch.save(ckpt, tmp_path / "fold_0" / "checkpoint_best.pt")
     with pytest.raises(InputError, match="configuration"):

@@ -149,7 +149,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_run_with_attention_unet_shows_gate_maps(tmp_path):
     """A (untrained) Attention U-Net run folder: the report embeds the gate maps of the chosen case."""
     torch = pytest.importorskip("torch")
-    networks = pytest.importorskip("medseg.networks", reason="needs medseg.networks.create_model")
+    from medseg import networks
     spec = {"name": "attention_unet", "kwargs": {"features": [4, 8], "strides": [1, 2], "kernel_sizes": [3, 3]}}
     plan = {"version": 1, "dataset": "synthetic", "spatial_dims": 3, "in_channels": 1, "num_classes": 3,
             "labels": {"0": "background", "1": "front", "2": "back"},

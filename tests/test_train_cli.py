@@ -61,10 +61,12 @@ def test_crossval_writes_every_artefact_and_predict_uses_the_run(tmp_path, demo_
                  "crossval_summary.json", "postprocessing.json", "per_case.csv"):
         assert (run / name).stat().st_size > 0, name
     splits = json.loads((run / "splits.json").read_text())
-    # the run's plan carries what training used, since inference reads it (patch, batch, network)
-    conf = json.loads((run / "plan.json").read_text())["configurations"]["3d_fullres"]
+    # the model record carries what training used, since inference reads it alone (patch, batch, network)
+    conf = json.loads((run / "model.json").read_text())["config"]
     assert conf["patch_size"] == [16, 16, 16] and conf["batch_size"] == 2
-    assert conf["network"] == TINY["train"]["network"]
+    net = TINY["train"]["network"]
+    assert conf["network"]["name"] == net["name"]
+    assert {k: conf["network"]["kwargs"][k] for k in net["kwargs"]} == net["kwargs"]
     for k in range(2):
         fold = run / f"fold_{k}"
         for name in ("checkpoint_best.pt", "checkpoint_latest.pt", "metrics.csv", "curves.png", "per_case.csv"):

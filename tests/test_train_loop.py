@@ -10,7 +10,7 @@ import torch
 from _train_helpers import batches_fn, tiny_net, val_cases
 
 from medseg.losses import build_loss
-from medseg.training.checkpoint import load_checkpoint
+from medseg.runtime import load_checkpoint
 from medseg.training.config import TrainConfig
 from medseg.training.optim import LRSchedule
 from medseg.training.trainer import Trainer, dice_per_class
@@ -18,7 +18,7 @@ from medseg.training.trainer import Trainer, dice_per_class
 
 def _trainer(tmp_path, **kw):
     cfg = TrainConfig(**{"epochs": 6, "batches_per_epoch": 3, "optimizer": "adamw", "lr": 0.02, "val_every": 2,
-                         "checkpoint_every": 1, "amp": "none", "threads": 1, **kw}).validate()
+                         "checkpoint_every": 1, "amp": "fp32", "threads": 1, **kw}).validate()
     net, spec = tiny_net()
     loss = build_loss(cfg.loss, num_classes=3)
     return Trainer(net, spec, loss, cfg, tmp_path, train_batches=batches_fn(), val_cases=val_cases(),

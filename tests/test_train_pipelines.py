@@ -30,10 +30,29 @@ def test_pipeline_builds_its_network_and_loss(path):
     assert build_loss(t.loss, num_classes=3, class_counts=[10, 5, 1], options=t.loss_options) is not None
 
 
-def test_hippocampus_pipeline_is_time_budgeted():
+def test_hippocampus_pipeline_decays_to_its_time_budget_and_mirrors_left_right():
+    """Behaviour, not YAML values: the schedule this pipeline builds starts at its learning rate and decays to zero
+    exactly when the time budget is spent; its resolved configuration mirrors (and test-time mirrors) axis 0 only."""
+    import torch
+
+    from medseg.training.fold import resolve_configuration
+    from medseg.training.optim import LRSchedule, build_optimizer
+
     p = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "hippocampus_3d.yaml")
-    assert p.train.max_minutes == 20 and p.train.schedule in ("poly", "cosine") and p.train.amp == "auto"
-    assert p.dataset.parts[-3:] == ("shared", "data", "hippocampus")
+    opt = build_optimizer(torch.nn.Linear(2, 2), p.train)
+    sched = LRSchedule(opt, p.train)
+    assert sched.step(1, 0.0) == pytest.approx(p.train.lr)
+    mid = sched.step(5, 0.5)
+    assert 0 < mid < p.train.lr
+    assert sched.step(6, 1.0) == pytest.approx(0.0, abs=1e-9)  # the budget's end: nothing left to decay
+    from medseg.planning import Configuration, NetworkSpec, Normalization, Plan
+
+    conf = Configuration(spacing=[1.0] * 3, patch_size=[40, 56, 40], batch_size=8, network=NetworkSpec("unet"),
+                         mirror_axes=[0, 1, 2])
+    plan = Plan(dataset="h", spatial_dims=3, in_channels=1, num_classes=3, labels={0: "b", 1: "a", 2: "p"},
+                normalization=[Normalization("zscore")], configurations={"3d_fullres": conf})
+    resolved = resolve_configuration(plan, p)
+    assert resolved.mirror_axes == [0] and resolved.batch_size == p.train.batch_size
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -78,38 +97,56 @@ def test_hc18_subjects_never_cross_folds():
     assert sorted(c for f in splits for c in f["val"]) == sorted(c.case_id for c in cases)
 
 
-def test_training_mirror_axes_become_the_runs_test_time_mirror_axes():
-    """TTA must flip only the axes training flipped: the run's plan.json (what inference reads) takes them."""
-    from medseg.training.fold import _apply_train_overrides
+def _tiny_plan():
+    from medseg.planning import Configuration, NetworkSpec, Normalization, Plan
 
-    plan = {"configurations": {"3d_fullres": {"patch_size": [8, 8, 8], "batch_size": 2, "mirror_axes": [0, 1, 2]}}}
+    conf = Configuration(spacing=[1.0] * 3, patch_size=[8, 8, 8], batch_size=2, network=NetworkSpec("unet"),
+                         mirror_axes=[0, 1, 2])
+    return Plan(dataset="d", spatial_dims=3, in_channels=1, num_classes=2, labels={0: "bg", 1: "fg"},
+                normalization=[Normalization("zscore")], configurations={"3d_fullres": conf})
+
+
+def test_training_mirror_axes_become_the_runs_test_time_mirror_axes():
+    """TTA must flip only the axes training flipped: the resolved configuration (what the model record keeps and
+    inference reads) takes the pipeline's augmentation.mirror_axes."""
+    from medseg.training.fold import resolve_configuration
+
+    plan = _tiny_plan()
     p = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"mirror_axes": [0]}}})
-    out = _apply_train_overrides(plan, p)
-    assert out["configurations"]["3d_fullres"]["mirror_axes"] == [0]
-    assert plan["configurations"]["3d_fullres"]["mirror_axes"] == [0, 1, 2]  # the planner's plan is not modified
+    assert resolve_configuration(plan, p).mirror_axes == [0]
+    assert plan.configuration("3d_fullres").mirror_axes == [0, 1, 2]  # the planner's plan is not modified
     default = pipeline_from_dict({"name": "x", "dataset": "/d"})
-    assert _apply_train_overrides(plan, default)["configurations"]["3d_fullres"]["mirror_axes"] == [0, 1, 2]
+    assert resolve_configuration(plan, default).mirror_axes == [0, 1, 2]
     bad = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"mirror_axes": [3]}}})
     with pytest.raises(ConfigError, match=r"mirror_axes"):
-        _apply_train_overrides(plan, bad)
+        resolve_configuration(plan, bad)
+    patch = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"patch_size": [8, 8]}})
+    with pytest.raises(ConfigError, match=r"patch_size"):
+        resolve_configuration(plan, patch)
 
 
-def test_training_flips_the_run_plans_mirror_axes(tmp_path, monkeypatch):
-    """Training augmentation reads the mirror axes from the run's plan (what inference reads), so a plan.json
-    edited by hand and the training flips cannot disagree; a pipeline without augmentation stays without."""
+def test_training_flips_the_configurations_mirror_axes(tmp_path, monkeypatch):
+    """Training augmentation reads the mirror axes from the resolved configuration (what the record stores and
+    inference reads), so training flips and TTA cannot disagree; a pipeline without augmentation stays without."""
+    import dataclasses
+
     import medseg.data.loader
     from medseg.training.fold import RunData, _loader
 
-    class Recorder:  # stands in for PatchLoader: records the augmentation it is given
-        def __init__(self, cache_dir, case_ids, *, augmentation=None):
-            self.augmentation = augmentation
+    class Recorder:  # stands in for PatchLoader: records what it is given
+        def __init__(self, cache_dir, case_ids, **kwargs):
+            self.kwargs = kwargs
+            self.augmentation = kwargs["augmentation"]
 
     monkeypatch.setattr(medseg.data.loader, "PatchLoader", Recorder)
 
-    plan = {"spatial_dims": 3, "configurations": {"3d_fullres": {"patch_size": [8, 8, 8], "batch_size": 2,
-                                                                 "mirror_axes": [2]}}}
-    p = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"p_rotation": 0.0}}})
-    run = RunData(p, None, plan, [], tmp_path)
-    assert _loader(run, ["a"], 0, 0).augmentation == {"p_rotation": 0.0, "mirror_axes": [2]}
+    plan = _tiny_plan()
+    conf = dataclasses.replace(plan.configuration("3d_fullres"), mirror_axes=[2])
+    p = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": {"p_rotation": 0.0},
+                                                                    "batches_per_epoch": 7}})
+    run = RunData(p, None, plan, conf, [], tmp_path)
+    loader = _loader(run, ["a"], 0, 0)
+    assert loader.augmentation == {"p_rotation": 0.0, "mirror_axes": [2]}
+    assert loader.kwargs["num_batches"] == 7 and loader.kwargs["patch_size"] == [8, 8, 8]  # no option dropped
     none = pipeline_from_dict({"name": "x", "dataset": "/d", "train": {"augmentation": None}})
-    assert _loader(RunData(none, None, plan, [], tmp_path), ["a"], 0, 0).augmentation is None
+    assert _loader(RunData(none, None, plan, conf, [], tmp_path), ["a"], 0, 0).augmentation is None

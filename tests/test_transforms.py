@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from medseg.errors import ConfigError, InputError
 from medseg.io import Volume
+from medseg.planning import Normalization
 from medseg.transforms.augment import augment_batch, make_generator
 from medseg.transforms.case import from_ras, to_ras
 from medseg.transforms.preprocess import normalize, preprocess_volume, restore_original
@@ -26,9 +27,12 @@ def _affine(spacing, perm=(0, 1, 2), flips=(1, 1, 1), angle=0.0):
 
 
 def _plan(spacing, dims=3, scheme="zscore"):
-    return {"version": 1, "spatial_dims": dims, "in_channels": 1, "num_classes": 3,
-            "normalization": [{"scheme": scheme, "mean": 0.0, "std": 1.0, "clip": None, "use_nonzero_mask": False}],
-            "configurations": {"cfg": {"spacing": list(spacing)}}}
+    from medseg.planning import Configuration, NetworkSpec, Normalization, Plan
+
+    clip = [-1e9, 1e9] if scheme == "ct" else None
+    conf = Configuration(spacing=list(spacing), patch_size=[8] * dims, batch_size=2, network=NetworkSpec("unet"))
+    return Plan(dataset="t", spatial_dims=dims, in_channels=1, num_classes=3, labels={0: "bg", 1: "a", 2: "b"},
+                normalization=[Normalization(scheme, clip=clip)], configurations={"cfg": conf})
 
 
 def _case(shape, affine, rng):
@@ -103,17 +107,18 @@ def test_resampled_oblique_anisotropic_inverse_within_one_voxel(target):
 def test_normalisation_schemes():
     x = np.random.default_rng(3).normal(50, 10, (2, 8, 8, 8)).astype(np.float32)
     x[1, :2] = 0
-    z = normalize(x, [{"scheme": "zscore", "use_nonzero_mask": False},
-                      {"scheme": "zscore", "use_nonzero_mask": True}])
+    z = normalize(x, [Normalization("zscore"), Normalization("zscore_nonzero")])
     assert abs(z[0].mean()) < 1e-4 and abs(z[0].std() - 1) < 1e-3
     nz = z[1][x[1] != 0]
     assert abs(nz.mean()) < 1e-4 and abs(nz.std() - 1) < 1e-3 and np.all(z[1][x[1] == 0] == 0)
-    ct = normalize(x[:1], [{"scheme": "ct", "clip": [45.0, 55.0], "mean": 50.0, "std": 5.0}])
+    ct = normalize(x[:1], [Normalization("ct", mean=50.0, std=5.0, clip=[45.0, 55.0])])
     assert ct.min() == pytest.approx(-1.0) and ct.max() == pytest.approx(1.0)
     with pytest.raises(ConfigError):
-        normalize(x, [{"scheme": "zscore"}])
-    with pytest.raises(ConfigError):
-        normalize(x[:1], [{"scheme": "minmax"}])
+        normalize(x, [Normalization("zscore")])  # one entry for two channels
+    with pytest.raises(InputError, match="scheme"):  # the plan loader refuses an unknown scheme
+        Normalization.from_dict({"scheme": "minmax"}, "plan.json")
+    # a first-release plan's flag spelling migrates to the scheme name
+    assert Normalization.from_dict({"scheme": "zscore", "use_nonzero_mask": True}).scheme == "zscore_nonzero"
 
 
 def test_preprocess_rejects_wrong_channels_and_config():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medseg.planning import Plan
 
 
 def register(subparsers) -> None:
@@ -22,30 +26,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: Plan) -> str:
     """A readable multi-line summary of a plan."""
-    fp = plan.get("fingerprint", {})
+    fp = plan.fingerprint
     lines = [
-        f"data set      {plan['dataset']}: {fp.get('num_cases', '?')} cases, {plan['spatial_dims']}D, "
-        f"{plan['in_channels']} channel(s) {fp.get('modalities', '')}",
-        "labels        " + ", ".join(f"{k}={v}" for k, v in plan["labels"].items()),
+        f"data set      {plan.dataset}: {fp.get('num_cases', '?')} cases, {plan.spatial_dims}D, "
+        f"{plan.in_channels} channel(s) {fp.get('modalities', '')}",
+        "labels        " + ", ".join(f"{k}={v}" for k, v in plan.labels.items()),
         f"median spacing {_fmt(fp.get('median_spacing', []), '.3g')} mm, median shape "
         f"{_fmt(fp.get('median_shape', []), '.0f')}",
     ]
-    for c, n in enumerate(plan["normalization"]):
-        extra = f" clip [{n['clip'][0]:.4g}, {n['clip'][1]:.4g}] mean {n['mean']:.4g} std {n['std']:.4g}" \
-            if n["scheme"] == "ct" else (" inside nonzero mask" if n.get("use_nonzero_mask") else " per image")
-        lines.append(f"channel {c}     {n['scheme']}{extra}")
-    lines.append(f"device        {plan.get('device', '?')}"
-                 + (f" ({plan['memory_gb']:g} GB)" if plan.get("memory_gb") else ""))
-    for name, cfg in plan["configurations"].items():
-        net = cfg["network"]["kwargs"]
-        sp = ["-" if s is None else f"{s:.3g}" for s in cfg["spacing"]]
-        lines.append(f"{name:<13} spacing {' x '.join(sp)} mm | patch {_fmt(cfg['patch_size'], 'd')} | "
-                     f"batch {cfg['batch_size']} | pools/axis {_fmt(cfg['pools_per_axis'], 'd')} | "
-                     f"features {net['features'][0]}-{net['features'][-1]} ({len(net['features'])} stages) | "
-                     f"mirror {cfg['mirror_axes']}"
-                     + (f" | slices across axis {cfg['slice_axis']}" if cfg.get("slicewise") else ""))
+    for c, n in enumerate(plan.normalization):
+        extra = {"ct": f" clip [{(n.clip or [0, 0])[0]:.4g}, {(n.clip or [0, 0])[1]:.4g}] mean {n.mean:.4g} "
+                       f"std {n.std:.4g}",
+                 "zscore_nonzero": " inside nonzero mask", "zscore": " per image"}.get(n.scheme, "")
+        lines.append(f"channel {c}     {n.scheme}{extra}")
+    lines.append(f"device        {plan.device}" + (f" ({plan.memory_gb:g} GB)" if plan.memory_gb else ""))
+    for name, cfg in plan.configurations.items():
+        net = cfg.network.kwargs
+        sp = ["-" if s is None else f"{s:.3g}" for s in cfg.spacing]
+        feats = net.get("features") or ["?"]
+        lines.append(f"{name:<13} spacing {' x '.join(sp)} mm | patch {_fmt(cfg.patch_size, 'd')} | "
+                     f"batch {cfg.batch_size} | pools/axis {_fmt(cfg.pools_per_axis, 'd')} | "
+                     f"features {feats[0]}-{feats[-1]} ({len(feats)} stages) | mirror {cfg.mirror_axes}"
+                     + (f" | slices across axis {cfg.slice_axis}" if cfg.slicewise else ""))
     return "\n".join(lines)
 
 

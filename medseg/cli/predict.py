@@ -57,7 +57,7 @@ def run(args) -> int:
     predictor = Predictor.from_run(args.model, folds=args.folds, device=args.device, tta=not args.no_tta,
                                    overlap=args.overlap, batch_size=args.batch_size, amp=args.amp,
                                    postprocess=not args.no_postprocessing, compile=args.compile)
-    cases = shard_cases(discover_cases(args.input, int(predictor.plan["in_channels"])), shard)
+    cases = shard_cases(discover_cases(args.input, predictor.record.in_channels), shard)
     bar = tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr, disable=None)
 
     def on_case(res) -> None:

@@ -30,10 +30,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers", args.workers, "at least 1")
     plan = load_plan(args.plan)
-    names = args.configuration or list(plan["configurations"])
+    names = args.configuration or list(plan.configurations)
     for n in names:
-        if n not in plan["configurations"]:
-            raise ConfigError("--configuration", n, f"one of {sorted(plan['configurations'])}")
+        plan.configuration(n)  # an unknown name fails with the valid ones
     manifest = load_manifest(args.dataset)
     for n in names:
         out = preprocess_dataset(manifest, plan, n, args.cache, num_workers=args.workers)

@@ -18,7 +18,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="training time per fold; the LR schedule decays to the end of it (config: max_minutes)")
     p.add_argument("--epochs", type=int, help="maximum epochs (config: train.epochs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (config: train.device)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (config: train.amp)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32", "none"),
+                   help="mixed precision (config: train.amp; none = deprecated alias of fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.planning.schema import Plan
 
 __all__ = ["preprocess_dataset", "preprocess_case", "PatchLoader", "FG_LOCATIONS_PER_CLASS"]
 
@@ -40,7 +41,7 @@ def _class_locations(seg: np.ndarray, num_classes: int, seed: int) -> dict[str, 
     return out
 
 
-def preprocess_case(case: Any, plan: dict, config_name: str, out_dir: Path) -> str:
+def preprocess_case(case: Any, plan: Plan, config_name: str, out_dir: Path) -> str:
     """Preprocess one case into ``out_dir`` (image ``.npy``, label ``_seg.npy``, props ``.json`` written last).
 
     Args:
@@ -63,7 +64,7 @@ def preprocess_case(case: Any, plan: dict, config_name: str, out_dir: Path) -> s
     if seg is not None:
         with atomic_path(out_dir / f"{case.case_id}_seg.npy") as tmp:
             np.save(tmp, seg)
-        props["foreground"] = _class_locations(seg, int(plan["num_classes"]), zlib.crc32(case.case_id.encode()))
+        props["foreground"] = _class_locations(seg, plan.num_classes, zlib.crc32(case.case_id.encode()))
     props["case_id"] = case.case_id
     props["has_label"] = seg is not None
     with atomic_path(out_dir / f"{case.case_id}.json") as tmp:
@@ -71,7 +72,7 @@ def preprocess_case(case: Any, plan: dict, config_name: str, out_dir: Path) -> s
     return case.case_id
 
 
-def preprocess_dataset(manifest: Any, plan: dict, config_name: str, cache_root: str | Path,
+def preprocess_dataset(manifest: Any, plan: Plan | Mapping[str, Any], config_name: str, cache_root: str | Path,
                        num_workers: int = 1) -> Path:
     """Preprocess every case of ``manifest`` once; cases already in the cache are reused.
 
@@ -91,9 +92,8 @@ def preprocess_dataset(manifest: Any, plan: dict, config_name: str, cache_root: 
     """
     from medseg.io import atomic_path
     from medseg.planning import plan_hash
-    from medseg.transforms.preprocess import plan_config
-
-    cfg = plan_config(plan, config_name)
+    plan = Plan.coerce(plan)
+    cfg = plan.configuration(config_name)
     out = Path(cache_root) / plan_hash(plan) / config_name
     out.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -111,8 +111,8 @@ def preprocess_dataset(manifest: Any, plan: dict, config_name: str, cache_root: 
     else:
         for case in todo:
             preprocess_case(case, plan, config_name, out)
-    info = {"config_name": config_name, "configuration": cfg, "num_classes": plan["num_classes"],
-            "in_channels": plan["in_channels"], "spatial_dims": plan["spatial_dims"]}
+    info = {"config_name": config_name, "configuration": cfg.to_dict(), "num_classes": plan.num_classes,
+            "in_channels": plan.in_channels, "spatial_dims": plan.spatial_dims}
     cfg_path = out / "config.json"
     if not cfg_path.exists() or json.loads(cfg_path.read_text()) != info:
         with atomic_path(cfg_path) as tmp:
@@ -156,7 +156,8 @@ class PatchLoader:
         patch_size: patch per axis (2 values for a 2D configuration, also of 3D data).
         batch_size: patches per batch.
         spatial_dims: 2 or 3: dimensionality of the patches; 2 with 3D cached cases samples 2D slices across
-            the configuration's ``slice_axis``.
+            ``slice_axis``.
+        slice_axis: the data axis that 2D patches of 3D cases are taken across (required exactly then).
         oversample_foreground: fraction of each batch (its last samples) centred on a random foreground class.
         augmentation: :data:`~medseg.transforms.augment.DEFAULT_AUGMENTATION` overrides; None = no augmentation.
         seed: base seed; fold: fold index (both enter every worker's seed).
@@ -172,7 +173,7 @@ class PatchLoader:
     def __init__(self, cache_dir: str | Path, case_ids: list[str], *, patch_size: list[int] | tuple[int, ...],
                  batch_size: int, spatial_dims: int, oversample_foreground: float = 1 / 3,
                  augmentation: dict | None = None, seed: int = 0, fold: int = 0, num_workers: int = 0,
-                 num_batches: int = 250, augment_in_loader: bool = True):
+                 num_batches: int = 250, augment_in_loader: bool = True, slice_axis: int | None = None):
         self.cache_dir = Path(cache_dir)
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -193,8 +194,6 @@ class PatchLoader:
             from medseg.transforms.augment import resolve_params
 
             resolve_params(self.augmentation)  # fail on unknown keys now, not mid-epoch
-        cfg_path = self.cache_dir / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.slice_axis: int | None = None
         self.props: dict[str, dict] = {}
         for cid in self.case_ids:
@@ -205,7 +204,10 @@ class PatchLoader:
             self.props[cid] = json.loads(pj.read_text())
         data_dims = len(self.props[self.case_ids[0]]["shape"])
         if self.spatial_dims == 2 and data_dims == 3:
-            self.slice_axis = int(cfg.get("configuration", {}).get("slice_axis", 2))
+            if slice_axis not in (0, 1, 2):
+                raise InputError(self.cache_dir, f"holds 3D cases for 2D patches but slice_axis is {slice_axis!r}",
+                                 "the configuration's slice_axis (0, 1 or 2)")
+            self.slice_axis = int(slice_axis)
         elif self.spatial_dims != data_dims:
             raise InputError(self.cache_dir, f"holds {data_dims}D cases", f"{self.spatial_dims}D patches")
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -8,7 +8,6 @@ folds), argmax, the exact inverse of preprocessing (``restore_original``) and th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +19,19 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError, InputError
-from medseg.inference.postprocess import PostprocessSetting, load_postprocessing, postprocess
-from medseg.inference.sliding_window import sliding_window_predict, sliding_window_predict_slices
+from medseg.inference.postprocess import PostprocessSetting, postprocess
+from medseg.inference.sliding_window import SlidingWindowInferer
 from medseg.io.volume import Volume
+from medseg.planning.record import ModelRecord, fold_dirs, load_model_record
+from medseg.runtime import (
+    build_network,
+    load_checkpoint,
+    normalize_precision,
+    resolve_device,
+    resolve_precision,
+)
 
-__all__ = ["Predictor", "Prediction", "InferenceOptions", "build_network", "resolve_device", "entropy",
-           "argmax_label"]
+__all__ = ["Predictor", "Prediction", "InferenceOptions", "entropy", "argmax_label"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,8 @@ class InferenceOptions:
         tta: test-time mirroring over the configuration's ``mirror_axes``.
         overlap: sliding-window overlap in ``[0, 1)``.
         batch_size: windows per forward pass (default: the configuration's training batch size, at most 8).
-        amp: ``"auto"`` (fp16 autocast on CUDA; bf16 on CPUs with native bf16, else float32), ``"bf16"``,
-            ``"fp16"`` or ``"fp32"``.
+        amp: mixed precision, ``auto | bf16 | fp16 | fp32`` (:func:`medseg.runtime.resolve_precision`: ``auto``
+            is bf16 on CUDA devices that have it, else fp16; bf16 on CPUs with native bf16, else float32).
         postprocess: apply the run's ``postprocessing.json``.
         checkpoint: ``"best"`` (falls back to ``latest`` when absent) or ``"latest"``.
         compile: ``torch.compile`` each fold's network once for the window shape
@@ -70,44 +76,6 @@ class Prediction:
     uncertainty: Volume | None = None
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available else CPU; otherwise the named device.
-
-    Raises:
-        ConfigError: an unknown device name, or CUDA asked for where there is none.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("--device", device, "'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", device, "'cpu' on a machine without CUDA")
-    return dev
-
-
-def build_network(spec: dict[str, Any], *, spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
-    """Rebuild a network from its ``{"name", "kwargs"}`` record with :func:`medseg.networks.create_model`.
-
-    Args:
-        spec: ``{"name": ..., "kwargs": {...}}`` from the checkpoint or ``model.json``.
-        spatial_dims: 2 or 3.
-        in_channels: input channels.
-        out_channels: classes.
-
-    Returns:
-        The (randomly initialised) module.
-    """
-    from medseg.networks import create_model
-
-    kwargs = dict(spec.get("kwargs", {}))
-    for key in ("spatial_dims", "in_channels", "out_channels"):
-        kwargs.pop(key, None)
-    return create_model(spec["name"], spatial_dims=spatial_dims, in_channels=in_channels,
-                        out_channels=out_channels, **kwargs)
-
-
 def _chunks(n_first: int, per_slice: int, budget: int = 2**24) -> list[slice]:
     step = max(1, budget // max(1, per_slice))
     return [slice(i, i + step) for i in range(0, n_first, step)]
@@ -130,97 +98,64 @@ def argmax_label(prob: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp == "auto":  # fp16 on CUDA; bf16 on CPUs with native bf16 (masks within 0.002 Dice of fp32, tested)
-        from medseg.device import cpu_has_bf16
-
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else None
-    if amp not in table:
-        raise ConfigError("amp", amp, "'auto', 'fp32', 'bf16' or 'fp16'")
-    if amp == "fp16" and device.type == "cpu":
-        raise ConfigError("amp", amp, "'bf16' or 'fp32' on the CPU")
-    return table[amp]
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "does not exist", f"{what} in a run folder written by `medseg train`/`crossval`") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})", what) from None
-    if not isinstance(data, dict):
-        raise InputError(path, "does not hold a JSON object", what)
-    return data
-
-
-def _valid_crop(network: nn.Module, patch: Sequence[int], in_channels: int, device: torch.device) -> tuple[int, ...]:
-    """Voxels lost per side by a valid-convolution network (0 for same-padded ones)."""
-    if hasattr(network, "output_shape"):
-        out = tuple(network.output_shape(list(patch)))
-    else:
-        with torch.no_grad():
-            y = network(torch.zeros((1, in_channels, *patch), device=device))
-        out = tuple((y[0] if isinstance(y, (list, tuple)) else y).shape[2:])
-    crop = []
-    for p, o in zip(patch, out):
-        if (p - o) % 2:
-            raise ConfigError("patch_size", list(patch), "a patch whose network output is centred (even loss)")
-        crop.append((p - o) // 2)
-    return tuple(crop)
-
-
 class Predictor:
-    """Predict label maps with the folds of one trained configuration.
+    """Predict label maps with the folds of one trained model.
 
     Args:
         networks: one module per fold (any device; moved to ``device``).
-        plan: the run's plan.
-        config_name: the configuration the networks were trained on.
-        device: where inference runs.
+        record: the trained model's :class:`~medseg.planning.ModelRecord` (the only source of its facts).
+        device: where inference runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         options: :class:`InferenceOptions`.
-        postprocessing: the setting applied to each label map.
-        labels: ``{index: name}`` of the classes.
+        model_dir: the run folder the networks came from (None when built in memory).
+
+    Attributes:
+        folds: the record's folds; inferer: the :class:`SlidingWindowInferer` every case runs through.
     """
 
-    def __init__(self, networks: Sequence[nn.Module], plan: dict[str, Any], config_name: str, *,
+    def __init__(self, networks: Sequence[nn.Module], record: ModelRecord, *,
                  device: str | torch.device | None = None, options: InferenceOptions | None = None,
-                 postprocessing: PostprocessSetting | None = None, labels: dict[int, str] | None = None):
+                 model_dir: str | Path | None = None):
         if not networks:
             raise ConfigError("networks", [], "at least one trained network")
-        if config_name not in plan.get("configurations", {}):
-            raise ConfigError("configuration", config_name, f"one of {sorted(plan.get('configurations', {}))}")
-        self.plan = plan
-        self.config_name = config_name
-        self.config = plan["configurations"][config_name]
+        if len(networks) != len(record.folds):
+            raise ConfigError("networks", f"{len(networks)} networks", f"one per fold of the record {record.folds}")
+        self.record = record
+        self.plan = record.plan()
+        self.config_name = record.configuration
+        self.config = record.config
+        self.folds = list(record.folds)
+        self.model_dir = None if model_dir is None else Path(model_dir)
         self.device = resolve_device(device)
         self.options = options or InferenceOptions()
         if not 0.0 <= self.options.overlap < 1.0:
             raise ConfigError("--overlap", self.options.overlap, "a fraction in [0, 1)")
-        self.amp_dtype = _amp_dtype(self.options.amp, self.device)
-        self.postprocessing = postprocessing or PostprocessSetting()
-        self.num_classes = int(plan["num_classes"])
-        self.labels = labels or {int(k): v for k, v in plan.get("labels", {}).items()}
+        if self.options.batch_size is not None and self.options.batch_size < 1:
+            raise ConfigError("--batch-size", self.options.batch_size, "a positive number of windows")
+        self.amp_dtype = resolve_precision(normalize_precision(self.options.amp, "--amp"), self.device)
+        self.postprocessing = (PostprocessSetting.from_dict(record.postprocessing) if self.options.postprocess
+                               else PostprocessSetting())
+        self.num_classes = record.num_classes
+        self.labels = dict(record.labels)
         self.networks = [n.to(self.device).eval() for n in networks]
-        self.slicewise = bool(self.config.get("slicewise", False)) and int(plan["spatial_dims"]) == 3
-        self.patch_size = tuple(int(p) for p in self.config["patch_size"])
-        self.mirror_axes = tuple(self.config.get("mirror_axes", ())) if self.options.tta else ()
-        self.batch_size = int(self.options.batch_size or min(int(self.config.get("batch_size", 2)), 8))
-        self.valid_crop = _valid_crop(self.networks[0], self.patch_size, int(plan["in_channels"]), self.device)
-        self._compiled = not self.options.compile  # compiled at the first prediction, not for an empty batch
+        self.patch_size = tuple(self.config.patch_size)
+        self.mirror_axes = tuple(self.config.mirror_axes) if self.options.tta else ()
+        self.batch_size = int(self.options.batch_size or min(self.config.batch_size, 8))
+        self.inferer = SlidingWindowInferer.for_network(
+            self.networks[0], self.patch_size, slice_axis=self.config.slice_axis if self.config.slicewise else None,
+            overlap=self.options.overlap, mirror_axes=self.mirror_axes, batch_size=self.batch_size,
+            device=self.device, amp_dtype=self.amp_dtype, activation="softmax")
+        self.valid_crop = self.inferer.valid_crop
+        self._needs_compile = bool(self.options.compile)  # compiled at the first prediction
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, model_dir: str | Path, folds: Sequence[int] | None = None,
                  device: str | torch.device | None = None, **options: Any) -> Predictor:
-        """Load the folds of a run folder (``model.json``, ``plan.json``, ``fold_K/checkpoint_*.pt``).
+        """Load a trained model from its run folder: ``model.json`` and ``fold_K/checkpoint_best.pt``.
 
         Args:
             model_dir: the run folder written by ``medseg crossval`` (or ``medseg train`` for one fold).
-            folds: folds to ensemble; default: the folds listed in ``model.json`` (else every ``fold_K``).
+            folds: folds to ensemble; default: every fold the model record lists (each must be present).
             device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default CUDA when available.
             **options: fields of :class:`InferenceOptions` (``tta``, ``overlap``, ``batch_size``, ``amp``,
                 ``postprocess``, ``checkpoint``, ``compile``).
@@ -229,60 +164,51 @@ class Predictor:
             A ready Predictor.
 
         Raises:
-            InputError: missing or unreadable files, a requested fold that is absent.
+            InputError: missing or unreadable files, a fold of the record (or a requested fold) that is absent.
             ConfigError: invalid options.
         """
-        from medseg.planning import load_plan
+        import dataclasses
 
         root = Path(model_dir)
-        if not root.is_dir():
-            raise InputError(root, "is not a folder", "a run folder with model.json, plan.json and fold_K/")
-        model = _read_json(root / "model.json", "model.json") if (root / "model.json").exists() else {}
-        plan = load_plan(root / "plan.json")
-        opts = InferenceOptions(**options)
+        record = load_model_record(root)
+        try:
+            opts = InferenceOptions(**options)
+        except TypeError as exc:
+            raise ConfigError("options", sorted(options), "fields of InferenceOptions") from exc
         if opts.checkpoint not in ("best", "latest"):
             raise ConfigError("checkpoint", opts.checkpoint, "'best' or 'latest'")
-        available = sorted(int(p.name[5:]) for p in root.glob("fold_*") if p.is_dir() and p.name[5:].isdigit())
-        if folds is None:
-            folds = [int(f) for f in model.get("folds", [])] or available
-        missing = [f for f in folds if f not in available]
-        if missing or not folds:
-            raise InputError(root, f"has no trained fold(s) {missing or 'at all'}",
-                             f"folds among {available}" if available else "fold_K/checkpoint_best.pt files")
-        ckpts = {f: _checkpoint_path(root / f"fold_{f}", opts.checkpoint) for f in folds}
-        first = _load_checkpoint(ckpts[folds[0]])
-        # model.json names the configuration; without it (a bare fold folder) the checkpoint or a one-config plan
-        config_name = model.get("configuration") or first.get("configuration")
-        if config_name is None and len(plan["configurations"]) == 1:
-            config_name = next(iter(plan["configurations"]))
-        cfg = plan["configurations"].get(config_name) if config_name else None
-        if cfg is None:
-            raise InputError(root / "model.json", f"configuration {config_name!r} is not one of plan.json's",
-                             f"a model.json naming one of {sorted(plan['configurations'])}")
-        dims = 2 if cfg.get("slicewise") or int(plan["spatial_dims"]) == 2 else 3
+        chosen = [int(f) for f in (record.folds if folds is None else folds)]
+        if not chosen:
+            raise ConfigError("folds", list(chosen), f"folds among {record.folds}")
+        present = fold_dirs(root)
+        absent = [f for f in chosen if f not in present]
+        usable = sorted(f for f in record.folds if f in present)
+        if absent and folds is None:
+            raise InputError(root, f"model.json lists fold(s) {absent} but their fold_K folders are missing",
+                             "the complete run folder, or --folds " + (",".join(map(str, usable)) or "K")
+                             + " to predict with fewer folds knowingly")
+        if absent:
+            raise InputError(root, f"has no trained fold(s) {absent}", f"folds among {usable}")
+        not_recorded = [f for f in chosen if f not in record.folds]
+        if not_recorded:
+            raise InputError(root, f"fold(s) {not_recorded} are not part of the trained model",
+                             f"folds among {record.folds}")
         dev = resolve_device(device)
         networks = []
-        for f in folds:
-            ckpt_path = ckpts[f]
-            ckpt = first if f == folds[0] else _load_checkpoint(ckpt_path)
-            spec = ckpt.get("network") or model.get("network")
-            if not spec or "name" not in spec:
-                raise InputError(ckpt_path, "records no network", 'a checkpoint with {"network": {"name", "kwargs"}}')
-            net = build_network(spec, spatial_dims=dims, in_channels=int(plan["in_channels"]),
-                                out_channels=int(plan["num_classes"]))
+        for f in chosen:
+            path = _checkpoint_path(present[f], opts.checkpoint)
+            ckpt = load_checkpoint(path)
+            net = build_network(record.network.to_dict(), spatial_dims=record.config.network_dims,
+                                in_channels=record.in_channels, out_channels=record.num_classes)
             try:
                 net.load_state_dict(ckpt["state_dict"])
-            except (KeyError, RuntimeError) as exc:
-                raise InputError(ckpt_path, f"weights do not fit the network ({str(exc).splitlines()[0]})",
+            except RuntimeError as exc:
+                raise InputError(path, f"weights do not fit the network ({str(exc).splitlines()[0]})",
                                  "a checkpoint of this run's network") from None
             networks.append(net)
-            log.info("loaded fold %d from %s", f, ckpt_path.name)
-        setting = load_postprocessing(root) if opts.postprocess else PostprocessSetting()
-        labels = {int(k): v for k, v in (model.get("labels") or plan.get("labels") or {}).items()}
-        pred = cls(networks, plan, config_name, device=dev, options=opts, postprocessing=setting, labels=labels)
-        pred.folds = list(folds)
-        pred.model_dir = root
-        return pred
+            log.info("loaded fold %d from %s", f, path.name)
+        record = dataclasses.replace(record, folds=chosen)
+        return cls(networks, record, device=dev, options=opts, model_dir=root)
 
     # ------------------------------------------------------------------------------------------ predicting
     def predict(self, volume: Volume) -> Volume:
@@ -342,28 +268,22 @@ class Predictor:
         Returns:
             ``(K, *spatial)`` float32 probabilities (on the accumulation device).
         """
-        if not self._compiled:
+        if self._needs_compile:
             from medseg.inference.compiled import compile_for_inference
 
-            shape = (self.batch_size, int(self.plan["in_channels"]), *self.patch_size)
+            shape = (self.batch_size, self.record.in_channels, *self.patch_size)
             self.networks = [compile_for_inference(n, shape, self.device, self.amp_dtype) for n in self.networks]
-            self._compiled = True
+            self._needs_compile = False
         image_t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
-        kw = dict(patch_size=self.patch_size, overlap=self.options.overlap, mirror_axes=self.mirror_axes,
-                  batch_size=self.batch_size, device=self.device, amp_dtype=self.amp_dtype,
-                  valid_crop=self.valid_crop if any(self.valid_crop) else None, activation="softmax")
         total = None
         for i, net in enumerate(self.networks):
-            if self.slicewise:
-                p = sliding_window_predict_slices(net, image_t, slice_axis=int(self.config.get("slice_axis", 2)), **kw)
-            else:
-                p = sliding_window_predict(net, image_t, **kw)
+            p = self.inferer(net, image_t)
             total = p if total is None else total.add_(p.to(total.device))
             log.debug("fold %d of %d done", i + 1, len(self.networks))
         return total.div_(len(self.networks))
 
     def __repr__(self) -> str:
-        return (f"Predictor(config={self.config_name!r}, folds={getattr(self, 'folds', len(self.networks))}, "
+        return (f"Predictor(config={self.config_name!r}, folds={self.folds}, "
                 f"device={self.device}, tta={bool(self.mirror_axes)}, patch={self.patch_size}, "
                 f"windows/batch={self.batch_size}, amp={self.amp_dtype})")
 
@@ -376,14 +296,3 @@ def _checkpoint_path(fold_dir: Path, which: str) -> Path:
                 log.warning("%s has no %s; using %s", fold_dir.name, names[0], name)
             return fold_dir / name
     raise InputError(fold_dir, f"holds none of {names}", "a fold trained by `medseg train`")
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise InputError(path, f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                         "a checkpoint written by `medseg train` (loaded with weights_only=True)") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise InputError(path, "is not a medseg checkpoint (no state_dict)", "a checkpoint written by `medseg train`")
-    return ckpt

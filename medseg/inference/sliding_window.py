@@ -27,12 +27,14 @@ import itertools
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
+    "SlidingWindowInferer",
     "sliding_window_predict",
     "sliding_window_predict_slices",
     "window_starts",
@@ -111,6 +113,140 @@ def _as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------- the engine
+@dataclass(frozen=True)
+class SlidingWindowInferer:
+    """The sliding-window engine with its configuration: build once, call on many images.
+
+    ``SlidingWindowInferer(patch_size=(64, 64, 64), mirror_axes=(0,), batch_size=4)(network, image)``.
+    Validation during training and the Predictor build one from the same model record.
+
+    Args:
+        patch_size: network input tile, one entry per spatial axis of the network.
+        overlap: fraction in ``[0, 1)`` shared by neighbouring windows.
+        mirror_axes: network axes (0-based) for test-time mirroring; all ``2**len`` flip combinations are averaged.
+        batch_size: windows per forward pass.
+        device: where the network runs; default: the network's parameters' device (CPU for a parameterless module).
+        amp_dtype: ``torch.bfloat16`` / ``torch.float16`` for mixed precision (autocast), ``None`` for float32.
+        valid_crop: voxels a valid-convolution network loses on each side (int or per axis); None or 0 for
+            same-size output.
+        activation: ``"softmax"`` to average probabilities (softmax per window before weighting), ``"sigmoid"``,
+            or ``None`` to average raw outputs (logits).
+        accumulate_on_host: accumulate on the CPU from the start (what the out-of-memory fallback switches to).
+        slice_axis: for a 2D network on a 3D image, the image axis (0-2) that slices are taken across; windows of
+            different slices are batched together and each slice is tiled as a 2D image would be.
+
+    Raises:
+        ValueError: inconsistent options (a programming error; user options are checked before).
+    """
+
+    patch_size: tuple[int, ...]
+    overlap: float = 0.5
+    mirror_axes: tuple[int, ...] = ()
+    batch_size: int = 1
+    device: torch.device | None = None
+    amp_dtype: torch.dtype | None = None
+    valid_crop: tuple[int, ...] | None = None
+    activation: str | None = None
+    accumulate_on_host: bool = False
+    slice_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        nd = len(tuple(self.patch_size))
+        set_ = object.__setattr__
+        set_(self, "patch_size", _as_tuple(self.patch_size, nd, "patch_size"))
+        set_(self, "valid_crop", _as_tuple(self.valid_crop or 0, nd, "valid_crop"))
+        set_(self, "mirror_axes", tuple(int(a) for a in self.mirror_axes))
+        if self.device is not None:
+            set_(self, "device", torch.device(self.device))
+        if any(t < 1 for t in self.tile):
+            raise ValueError(f"valid_crop {self.valid_crop} leaves no output tile for patch {self.patch_size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if any(a < 0 or a >= nd for a in self.mirror_axes):
+            raise ValueError(f"mirror_axes {self.mirror_axes} must be spatial axes in [0, {nd})")
+        if self.activation not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"activation must be None, 'softmax' or 'sigmoid', got {self.activation!r}")
+        if self.slice_axis is not None and self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
+
+    @classmethod
+    def for_network(cls, network: nn.Module, patch_size: Sequence[int], *, slice_axis: int | None = None,
+                    **options) -> SlidingWindowInferer:
+        """The inferer for ``network`` on ``patch_size`` (its valid-convolution crop read from the network's
+        declared ``output_shape``): what training's validation and the Predictor both build.
+
+        Args:
+            network: a network built by :func:`medseg.networks.create_model`.
+            patch_size: the configuration's patch.
+            slice_axis: the configuration's slice axis for a 2D network on 3D data, else None.
+            **options: the other fields (overlap, mirror_axes, batch_size, device, amp_dtype, activation).
+        """
+        from medseg.runtime import valid_crop
+
+        crop = valid_crop(network, patch_size)
+        return cls(patch_size=tuple(int(p) for p in patch_size), valid_crop=crop if any(crop) else None,
+                   slice_axis=slice_axis, **options)
+
+    @property
+    def tile(self) -> tuple[int, ...]:
+        """The output tile: the patch less the valid-convolution crop on both sides."""
+        return tuple(p - 2 * c for p, c in zip(self.patch_size, self.valid_crop or ()))
+
+    def __call__(self, network: nn.Module, image: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Predict a whole image.
+
+        Args:
+            network: any module mapping ``(B, C, *patch)`` to ``(B, K, *tile)`` (or a list whose first entry is
+                that). Put it in eval mode and on ``device`` yourself (the engine does not change it).
+            image: ``(C, *spatial)`` with as many spatial axes as the patch (one more with ``slice_axis``), on
+                any device (windows are moved to ``device``).
+
+        Returns:
+            ``(K, *spatial)`` float32 tensor: the weighted average of the window outputs, on ``device`` (or the
+            CPU when accumulating on the host).
+
+        Raises:
+            ValueError: the image's shape does not fit the configuration, or the network's output tile differs.
+        """
+        image_t = torch.as_tensor(image)
+        nd = len(self.patch_size)
+        if self.slice_axis is not None:
+            if image_t.ndim != 4 or nd != 2:
+                raise ValueError(f"slice-wise prediction needs a (C, X, Y, Z) image and a 2D patch, got image "
+                                 f"shape {tuple(image_t.shape)} and patch {self.patch_size}")
+            stack = image_t.movedim(self.slice_axis + 1, 0)  # (S, C, a, b): a view, no copy
+            return self._predict_stack(network, stack).movedim(0, self.slice_axis + 1)
+        if image_t.ndim != nd + 1:
+            raise ValueError(f"image must be (C, *spatial) with {nd} spatial axes, got shape {tuple(image_t.shape)}")
+        return self._predict_stack(network, image_t[None])[0]
+
+    def _predict_stack(self, network: nn.Module, stack: torch.Tensor) -> torch.Tensor:
+        """Over a stack ``(N, C, *spatial)`` of independent images of one shape; returns ``(N, K, *spatial)``.
+        Out of device memory, retries with host accumulation, then with halved window batches."""
+        device = self.device
+        if device is None:
+            param = next(iter(network.parameters()), None)
+            device = param.device if param is not None else torch.device("cpu")
+        run = replace(self, device=device, accumulate_on_host=self.accumulate_on_host or device.type == "cpu")
+        while True:
+            try:
+                return _run(network, stack, run)
+            except torch.cuda.OutOfMemoryError:
+                if run.accumulate_on_host and run.batch_size == 1:
+                    raise
+                new_bs = max(1, run.batch_size // 2) if run.accumulate_on_host else run.batch_size
+                log.warning(
+                    "out of memory on %s with %d windows per batch and %s accumulation; retrying with host "
+                    "accumulation and %d windows per batch", device, run.batch_size,
+                    "host" if run.accumulate_on_host else "device", new_bs,
+                )
+                run = replace(run, accumulate_on_host=True, batch_size=new_bs)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
 def sliding_window_predict(
     network: nn.Module,
     image: torch.Tensor | np.ndarray,
@@ -125,40 +261,25 @@ def sliding_window_predict(
     activation: str | None = None,
     accumulate_on_host: bool = False,
 ) -> torch.Tensor:
-    """Predict a whole image with overlapping, Gaussian-weighted windows.
+    """Predict a whole image with overlapping, Gaussian-weighted windows: :class:`SlidingWindowInferer` called once.
 
     Args:
-        network: any module mapping ``(B, C, *patch)`` to ``(B, K, *out_tile)`` (``out_tile = patch - 2 * crop``).
-            Put it in eval mode and on ``device`` yourself (the engine does not change it).
-        image: ``(C, *spatial)`` with 2 or 3 spatial axes, on any device (windows are moved to ``device``).
-        patch_size: network input tile, one entry per spatial axis.
-        overlap: fraction in ``[0, 1)`` shared by neighbouring windows.
-        mirror_axes: spatial axes (0-based) for test-time mirroring; all ``2**len`` flip combinations are averaged.
-        batch_size: windows per forward pass.
-        device: where the network runs; default: the network's parameters' device (CPU for a parameterless module).
-        amp_dtype: ``torch.bfloat16`` / ``torch.float16`` for mixed precision (autocast), ``None`` for float32.
-        valid_crop: voxels a valid-convolution network loses on each side (int or per axis); None or 0 for
-            same-size output.
-        activation: ``"softmax"`` to average probabilities (softmax per window before weighting), ``"sigmoid"``, or
-            ``None`` to average raw outputs (logits).
-        accumulate_on_host: accumulate on the CPU from the start (what the out-of-memory fallback switches to).
+        network, image: as for :meth:`SlidingWindowInferer.__call__`.
+        patch_size, overlap, mirror_axes, batch_size, device, amp_dtype, valid_crop, activation,
+            accumulate_on_host: the fields of :class:`SlidingWindowInferer`.
 
     Returns:
-        ``(K, *spatial)`` float32 tensor: the weighted average of the window outputs, on ``device`` (or the CPU when
-        accumulating on the host).
+        ``(K, *spatial)`` float32 tensor.
 
     Raises:
-        ValueError: inconsistent shapes or options (wrong number of axes, output tile of unexpected size, ...).
+        ValueError: inconsistent shapes or options.
     """
-    image_t = torch.as_tensor(image)
-    if image_t.ndim not in (3, 4):
-        raise ValueError(f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {tuple(image_t.shape)}")
-    out = _predict_stack(
-        network, image_t[None], patch_size=patch_size, overlap=overlap, mirror_axes=mirror_axes,
-        batch_size=batch_size, device=device, amp_dtype=amp_dtype, valid_crop=valid_crop, activation=activation,
-        accumulate_on_host=accumulate_on_host,
-    )
-    return out[0]
+    inferer = SlidingWindowInferer(
+        patch_size=tuple(patch_size), overlap=overlap, mirror_axes=tuple(mirror_axes), batch_size=batch_size,
+        device=None if device is None else torch.device(device), amp_dtype=amp_dtype,
+        valid_crop=None if valid_crop is None else _as_tuple(valid_crop, len(tuple(patch_size)), "valid_crop"),
+        activation=activation, accumulate_on_host=accumulate_on_host)
+    return inferer(network, image)
 
 
 def sliding_window_predict_slices(
@@ -169,9 +290,7 @@ def sliding_window_predict_slices(
     patch_size: Sequence[int],
     **kwargs,
 ) -> torch.Tensor:
-    """Predict a 3D image slice by slice with a 2D network (2D configurations of 3D data).
-
-    Windows from different slices are batched together; each slice is tiled exactly as a 2D image would be.
+    """Predict a 3D image slice by slice with a 2D network (:class:`SlidingWindowInferer` with ``slice_axis``).
 
     Args:
         network: a 2D network.
@@ -186,65 +305,25 @@ def sliding_window_predict_slices(
     Raises:
         ValueError: ``image`` is not 3D or ``slice_axis`` is out of range.
     """
-    image_t = torch.as_tensor(image)
-    if image_t.ndim != 4:
-        raise ValueError(f"slice-wise prediction needs a (C, X, Y, Z) image, got shape {tuple(image_t.shape)}")
-    if slice_axis not in (0, 1, 2):
-        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
-    stack = image_t.movedim(slice_axis + 1, 0)  # (S, C, a, b): a view, no copy
-    out = _predict_stack(network, stack, patch_size=patch_size, **kwargs)  # (S, K, a, b)
-    return out.movedim(0, slice_axis + 1)
+    if "valid_crop" in kwargs and kwargs["valid_crop"] is not None:
+        kwargs["valid_crop"] = _as_tuple(kwargs["valid_crop"], len(tuple(patch_size)), "valid_crop")
+    if "device" in kwargs and kwargs["device"] is not None:
+        kwargs["device"] = torch.device(kwargs["device"])
+    if "mirror_axes" in kwargs:
+        kwargs["mirror_axes"] = tuple(kwargs["mirror_axes"])
+    return SlidingWindowInferer(patch_size=tuple(patch_size), slice_axis=slice_axis, **kwargs)(network, image)
 
 
-def _predict_stack(network, stack, *, patch_size, overlap=0.5, mirror_axes=(), batch_size=1, device=None,
-                   amp_dtype=None, valid_crop=None, activation=None, accumulate_on_host=False) -> torch.Tensor:
-    """Engine over a stack ``(N, C, *spatial)`` of independent images of one shape; returns ``(N, K, *spatial)``."""
-    nd = stack.ndim - 2
-    patch = _as_tuple(patch_size, nd, "patch_size")
-    crop = _as_tuple(valid_crop or 0, nd, "valid_crop")
-    tile = tuple(p - 2 * c for p, c in zip(patch, crop))
-    if any(t < 1 for t in tile):
-        raise ValueError(f"valid_crop {crop} leaves no output tile for patch {patch}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    axes = tuple(int(a) for a in mirror_axes)
-    if any(a < 0 or a >= nd for a in axes):
-        raise ValueError(f"mirror_axes {axes} must be spatial axes in [0, {nd})")
-    if activation not in (None, "softmax", "sigmoid"):
-        raise ValueError(f"activation must be None, 'softmax' or 'sigmoid', got {activation!r}")
-    if device is None:
-        param = next(iter(network.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-
-    on_host = accumulate_on_host or device.type == "cpu"
-    bs = batch_size
-    while True:
-        try:
-            return _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype, activation, on_host)
-        except torch.cuda.OutOfMemoryError:
-            if on_host and bs == 1:
-                raise
-            new_bs = max(1, bs // 2) if on_host else bs
-            log.warning(
-                "out of memory on %s with %d windows per batch and %s accumulation; retrying with host "
-                "accumulation and %d windows per batch", device, bs, "host" if on_host else "device", new_bs,
-            )
-            on_host, bs = True, new_bs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype, activation, on_host):
+def _run(network: nn.Module, stack: torch.Tensor, inf: SlidingWindowInferer) -> torch.Tensor:
+    patch, crop, tile, axes, device = inf.patch_size, inf.valid_crop, inf.tile, inf.mirror_axes, inf.device
     nd = len(patch)
     n_img, _, *spatial = stack.shape
+    on_host = inf.accumulate_on_host
     acc_device = torch.device("cpu") if on_host else device
     src = stack if on_host else stack.to(device)
     # per-axis layout: output tiles on the image padded (centred) to at least the tile
     pad_lo = [max(t - s, 0) // 2 for s, t in zip(spatial, tile)]
-    starts = [window_starts(s, t, overlap) for s, t in zip(spatial, tile)]
+    starts = [window_starts(s, t, inf.overlap) for s, t in zip(spatial, tile)]
     gauss = [gaussian_1d(t) for t in tile]
     # separable normalisation: coverage of each image voxel by the (Gaussian-weighted) windows, per axis
     coverage = []
@@ -264,10 +343,11 @@ def _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype
     windows = [(n, pos) for n in range(n_img) for pos in itertools.product(*starts)]
     acc = None
     flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations([a + 2 for a in axes], r)]
+    bs = inf.batch_size
     for b0 in range(0, len(windows), bs):
         chunk = windows[b0:b0 + bs]
         out = None
-        amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+        amp = (torch.autocast(device.type, dtype=inf.amp_dtype) if inf.amp_dtype is not None
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
             # built in inference mode like the flipped copies, so a compiled network sees one kind of tensor
@@ -279,9 +359,9 @@ def _run(network, stack, patch, crop, tile, overlap, axes, bs, device, amp_dtype
                 if isinstance(y, (list, tuple)):
                     y = y[0]
                 y = y.float()
-                if activation == "softmax":
+                if inf.activation == "softmax":
                     y = torch.softmax(y, 1)
-                elif activation == "sigmoid":
+                elif inf.activation == "sigmoid":
                     y = torch.sigmoid(y)
                 if flip:
                     y = torch.flip(y, flip)

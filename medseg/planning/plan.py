@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import ConfigError, InputError
+from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Normalization, Plan
 from medseg.planning.topology import Topology, pool_and_conv_props
 
 __all__ = ["make_plan", "save_plan", "load_plan", "plan_hash", "target_spacing", "estimate_training_memory",
@@ -24,7 +25,7 @@ __all__ = ["make_plan", "save_plan", "load_plan", "plan_hash", "target_spacing",
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = SCHEMA_VERSION
 
 #: CPU compute budget: voxels per training batch (8 x 40x56x40 hippocampus patches ~ 0.9 s/step in bf16).
 CPU_BATCH_VOXELS = {3: 750_000, 2: 2_000_000}
@@ -88,7 +89,7 @@ def _features(n_stages: int, device: str, dims: int) -> list[int]:
 
 
 def _fit(median_shape: np.ndarray, spacing: list[float], device: str, memory_gb: float,
-         dataset_voxels: float) -> dict[str, Any]:
+         dataset_voxels: float) -> Configuration:
     dims = len(spacing)
     sp = np.asarray(spacing, dtype=float)
     tmp = 1.0 / sp
@@ -119,25 +120,25 @@ def _fit(median_shape: np.ndarray, spacing: list[float], device: str, memory_gb:
         batch = min(batch, five_percent)
     batch = int(max(2, min(batch, MAX_BATCH[(device, dims)])))
     features = _features(len(topo.strides), device, dims)
-    return {
-        "spacing": [float(s) for s in spacing],
-        "patch_size": [int(p) for p in patch],
-        "batch_size": batch,
-        "median_shape": [int(round(s)) for s in median_shape],
-        "network": {"name": "unet", "kwargs": {
+    return Configuration(
+        spacing=[float(s) for s in spacing],
+        patch_size=[int(p) for p in patch],
+        batch_size=batch,
+        median_shape=[int(round(s)) for s in median_shape],
+        network=NetworkSpec("unet", {
             "features": features,
             "strides": topo.strides,
             "kernel_sizes": topo.kernel_sizes,
             "deep_supervision": True,
             "norm": "instance",
-        }},
-        "pools_per_axis": topo.pools_per_axis,
-        "mirror_axes": list(range(dims)),
-        "estimated_memory_gb": round(estimate_training_memory(patch, topo, features, batch) / 1024**3, 3),
-    }
+        }),
+        pools_per_axis=list(topo.pools_per_axis),
+        mirror_axes=list(range(dims)),
+        estimated_memory_gb=round(estimate_training_memory(patch, topo, features, batch) / 1024**3, 3),
+    )
 
 
-def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: float | None = None) -> dict[str, Any]:
+def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: float | None = None) -> Plan:
     """Turn a fingerprint into a plan.
 
     Args:
@@ -146,8 +147,7 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
         memory_gb: GPU memory budget for ``cuda`` (default 8).
 
     Returns:
-        The plan dict (``version``, ``dataset``, ``spatial_dims``, ``in_channels``, ``num_classes``, ``labels``,
-        ``normalization``, ``configurations``, ``fingerprint``); see docs/architecture.md.
+        The typed :class:`~medseg.planning.schema.Plan` (see docs/architecture.md).
 
     Raises:
         ConfigError: unknown device or a non-positive memory budget.
@@ -170,92 +170,81 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
     for c, mod in enumerate(fingerprint["modalities"]):
         st = fingerprint["intensity"][c]
         if str(mod).upper() == "CT":
-            normalization.append({"scheme": "ct", "mean": st["mean"], "std": st["std"],
-                                  "clip": [st["percentile_00_5"], st["percentile_99_5"]], "use_nonzero_mask": False})
+            normalization.append(Normalization("ct", float(st["mean"]), float(st["std"]),
+                                               [float(st["percentile_00_5"]), float(st["percentile_99_5"])]))
         else:
-            normalization.append({"scheme": "zscore", "mean": 0.0, "std": 1.0, "clip": None,
-                                  "use_nonzero_mask": bool(use_nonzero)})
+            normalization.append(Normalization("zscore_nonzero" if use_nonzero else "zscore"))
 
-    configs: dict[str, Any] = {}
+    configs: dict[str, Configuration] = {}
     if dims == 3:
-        full = _fit(median_shape, target, device, gb, dataset_voxels)
-        full["slicewise"] = False
-        configs["3d_fullres"] = full
+        configs["3d_fullres"] = _fit(median_shape, target, device, gb, dataset_voxels)
         # 2D: slices across the coarsest axis (ties: the last, axial in RAS); that axis is not resampled
         tgt = np.asarray(target)
         slice_axis = int(np.flatnonzero(tgt == tgt.max())[-1])
         inplane = [a for a in range(3) if a != slice_axis]
         two = _fit(median_shape[inplane], [target[a] for a in inplane], device, gb, dataset_voxels)
-        two["spacing"] = [None if a == slice_axis else float(target[a]) for a in range(3)]
-        two["slicewise"] = True
-        two["slice_axis"] = slice_axis
+        two.spacing = [None if a == slice_axis else float(target[a]) for a in range(3)]
+        two.slicewise = True
+        two.slice_axis = slice_axis
         configs["2d"] = two
     else:
-        two = _fit(median_shape, target, device, gb, dataset_voxels)
-        two["slicewise"] = False
-        configs["2d"] = two
+        configs["2d"] = _fit(median_shape, target, device, gb, dataset_voxels)
 
-    labels = {str(k): v for k, v in fingerprint["labels"].items()}
+    labels = {int(k): str(v) for k, v in fingerprint["labels"].items()}
     fp_summary = {k: v for k, v in fingerprint.items() if k not in ("spacings", "shapes", "cropped_shapes",
                                                                     "case_ids")}
     fp_summary["median_spacing"] = [float(v) for v in np.median(spacings, axis=0)]
     fp_summary["median_shape"] = [float(v) for v in np.median(np.asarray(fingerprint["shapes"]), axis=0)]
-    return {
-        "version": PLAN_VERSION,
-        "dataset": fingerprint["dataset"],
-        "spatial_dims": dims,
-        "in_channels": int(fingerprint["channels"]),
-        "num_classes": max(int(k) for k in labels) + 1,
-        "labels": labels,
-        "device": device,
-        "memory_gb": gb if device == "cuda" else None,
-        "normalization": normalization,
-        "configurations": configs,
-        "fingerprint": fp_summary,
-    }
+    return Plan(
+        dataset=str(fingerprint["dataset"]),
+        spatial_dims=dims,
+        in_channels=int(fingerprint["channels"]),
+        num_classes=max(labels) + 1,
+        labels=labels,
+        device=device,
+        memory_gb=gb if device == "cuda" else None,
+        normalization=normalization,
+        configurations=configs,
+        fingerprint=fp_summary,
+    )
 
 
-def plan_hash(plan: dict[str, Any]) -> str:
-    """Short sha256 of what preprocessing depends on (version, channels, normalisation, per-config spacing).
+def plan_hash(plan: Plan) -> str:
+    """Short sha256 of what preprocessing depends on (schema, channels, normalisation, per-config spacing).
 
     Batch size, patch size or network changes keep the hash, so they reuse the same preprocessed cache.
     """
     key = {
-        "version": plan["version"], "spatial_dims": plan["spatial_dims"], "in_channels": plan["in_channels"],
-        "normalization": plan["normalization"], "manifest": plan.get("fingerprint", {}).get("manifest_hash"),
-        "configurations": {n: {"spacing": c["spacing"], "slice_axis": c.get("slice_axis")}
-                           for n, c in sorted(plan["configurations"].items())},
+        "version": plan.schema_version, "spatial_dims": plan.spatial_dims, "in_channels": plan.in_channels,
+        "normalization": [n.to_dict() for n in plan.normalization],
+        "manifest": plan.fingerprint.get("manifest_hash"),
+        "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis}
+                           for n, c in sorted(plan.configurations.items())},
     }
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_plan(plan: dict[str, Any], path: str | Path) -> None:
+def save_plan(plan: Plan, path: str | Path) -> None:
     """Write a plan as indented JSON (atomically)."""
     from medseg.io import atomic_path
 
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(plan, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
-def load_plan(path: str | Path) -> dict[str, Any]:
-    """Read and check a plan file.
+def load_plan(path: str | Path) -> Plan:
+    """Read, validate and (for first-release files) migrate a plan file.
 
     Raises:
-        InputError: missing, not JSON, a different version or missing keys.
+        InputError: missing, not JSON, a newer version, missing keys or values of the wrong type.
     """
     path = Path(path)
     try:
-        plan = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(path, "does not exist", "a plan.json written by `medseg plan`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})", "a plan.json written by `medseg plan`") from None
-    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
-        ver = plan.get("version") if isinstance(plan, dict) else None
-        raise InputError(path, f"has plan version {ver!r}", f"version {PLAN_VERSION}")
-    missing = [k for k in ("spatial_dims", "in_channels", "num_classes", "normalization", "configurations")
-               if k not in plan]
-    if missing:
-        raise InputError(path, f"lacks keys {missing}", "a complete plan written by `medseg plan`")
-    return plan
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"is not valid JSON ({str(exc).splitlines()[0]})",
+                         "a plan.json written by `medseg plan`") from None
+    return Plan.from_dict(data, path)

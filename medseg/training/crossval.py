@@ -23,11 +23,10 @@ from medseg.io.atomic import atomic_path
 from medseg.training.config import PipelineConfig
 from medseg.training.fold import (
     RunData,
-    finished_folds,
     fold_is_finished,
     prepare_run,
     train_fold,
-    write_model_json,
+    update_model_record,
 )
 from medseg.training.record import write_json
 
@@ -58,14 +57,12 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
     """
     from medseg.inference import Predictor
     from medseg.io import read_volume, write_volume
-    from medseg.training.trainer import resolve_amp, resolve_device
+    from medseg.runtime import resolve_device
     from medseg.transforms.case import load_case
 
     fold_dir = run.run_dir / f"fold_{fold}"
     val_ids = [c for c in run.splits[fold]["val"]]
     dev = resolve_device(device or run.pipeline.train.device)
-    amp = resolve_amp(run.pipeline.train.amp, dev)
-    amp_name = {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[None if amp is None else str(amp)]
     predictor = None
     out = []
     for cid in val_ids:
@@ -78,8 +75,8 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
             pred = read_volume(path)
         else:
             if predictor is None:
-                predictor = Predictor.from_run(run.run_dir, folds=[fold], device=dev, tta=tta, amp=amp_name,
-                                               postprocess=False)
+                predictor = Predictor.from_run(run.run_dir, folds=[fold], device=dev, tta=tta,
+                                               amp=run.pipeline.train.amp, postprocess=False)
             pred = predictor.predict(image)
             write_volume(pred, path)
         assert ref is not None
@@ -178,7 +175,7 @@ def run_crossval(
         ConfigError: a fold outside ``0 .. folds-1``.
     """
     from medseg.metrics import compute_metrics
-    from medseg.training.trainer import resolve_device
+    from medseg.runtime import resolve_device
 
     folds = list(range(pipeline.folds)) if folds is None else [int(f) for f in folds]
     bad = [f for f in folds if not 0 <= f < pipeline.folds]
@@ -194,12 +191,8 @@ def run_crossval(
         cb = (lambda info, f=fold: progress(f, info)) if progress is not None else None
         res = train_fold(pipeline, fold, resume=resume, progress=cb, run=run)
         results[fold] = res
-    trained = finished_folds(run.run_dir)
-    from medseg.training.checkpoint import load_checkpoint
-
-    spec = load_checkpoint(run.run_dir / f"fold_{trained[0]}" / "checkpoint_latest.pt")["network"]
-    write_model_json(run, spec, trained)
-    labels = {int(k): v for k, v in run.plan["labels"].items() if int(k) != 0}
+    update_model_record(run)
+    labels = {k: v for k, v in run.plan.labels.items() if k != 0}
     per_case: dict[str, dict[int, dict[str, float]]] = {}
     fold_of: dict[str, int] = {}
     pp_cases = []
@@ -216,7 +209,8 @@ def run_crossval(
     setting, report = select_postprocessing(pp_cases, sorted(labels))
     from medseg.inference.postprocess import save_postprocessing
 
-    save_postprocessing(run.run_dir / "postprocessing.json", setting, report)
+    save_postprocessing(run.run_dir / "postprocessing.json", setting, report)  # the choice's evidence
+    update_model_record(run, postprocessing=setting.to_dict())  # the setting prediction applies
     dice_fg = [summary["classes"][str(c)]["metrics"]["dice"]["mean"] for c in sorted(labels)]
     summary = {
         "pipeline": pipeline.name,

@@ -9,7 +9,7 @@ prepares the data and the others wait for it.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -20,32 +20,37 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import ConfigError, InputError
+from medseg.planning.record import ModelRecord, fold_dirs, load_model_record, write_model_record
+from medseg.planning.schema import Configuration, NetworkSpec, Plan
 from medseg.training.config import PipelineConfig
 from medseg.training.record import environment, write_json, write_yaml
 
-__all__ = ["RunData", "prepare_run", "train_fold", "write_model_json", "finished_folds", "fold_is_finished"]
+__all__ = ["RunData", "prepare_run", "train_fold", "resolve_configuration", "update_model_record",
+           "finished_folds", "fold_is_finished"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RunData:
-    """What every fold of a run shares."""
+    """What every fold of a run shares.
+
+    Attributes:
+        plan: the planner's plan (``RUN/plan.json``).
+        config: the configuration as trained: the plan's, with the pipeline's ``train:`` overrides resolved once
+            (:func:`resolve_configuration`); the model record stores exactly this.
+    """
 
     pipeline: PipelineConfig
     manifest: Any
-    plan: dict[str, Any]
+    plan: Plan
+    config: Configuration
     splits: list[dict[str, Any]]
     cache_dir: Path
 
     @property
     def run_dir(self) -> Path:
         return self.pipeline.output
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The plan's configuration used by this pipeline."""
-        return self.plan["configurations"][self.pipeline.configuration]
 
 
 def _dist_setup() -> tuple[int, int]:
@@ -89,7 +94,6 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
     from medseg.data.loader import preprocess_dataset
     from medseg.data.manifest import load_manifest
     from medseg.data.splits import load_or_create_splits, read_splits
-    from medseg.errors import ConfigError
     from medseg.planning import fingerprint, load_plan, make_plan, plan_hash, save_plan
 
     p = pipeline
@@ -106,10 +110,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
     else:
         logger.info("planning %s for %s", manifest.name, device)
         plan = make_plan(fingerprint(manifest), device=device)
-    if p.configuration not in plan["configurations"]:
-        raise ConfigError("configuration", p.configuration, "one of " + ", ".join(plan["configurations"]))
-    if not run_plan.is_file():
-        plan = _apply_train_overrides(plan, p)
+    config = resolve_configuration(plan, p)
     split_path = run_dir / "splits.json"
     if p.splits is not None and not split_path.is_file():
         splits = read_splits(p.splits)
@@ -131,7 +132,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         write_json(run_dir / "environment.json", environment({
             "manifest_hash": manifest.hash(), "plan_hash": plan_hash(plan), "dataset": str(p.dataset),
             "n_cases": len(manifest.cases)}))
-    return RunData(p, manifest, plan, splits, cache_dir)
+    return RunData(p, manifest, plan, config, splits, cache_dir)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -173,33 +174,37 @@ def _check_same_config(path: Path, p: PipelineConfig) -> None:
                          "resume or reuse it")
 
 
-def _apply_train_overrides(plan: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
-    """Copy of ``plan`` whose configuration carries the pipeline's patch size, batch size, network and mirror axes.
+def resolve_configuration(plan: Plan, p: PipelineConfig) -> Configuration:
+    """The configuration a pipeline trains: the plan's ``p.configuration`` with the ``train:`` block's patch size,
+    batch size, network and mirror axes in place of the planner's (the plan itself is not changed).
 
-    The run folder's plan.json is what inference reads, so a model trained on 32^3 patches with a custom network
-    must be predicted with the same patch and network, not the planner's defaults; and test-time mirroring must
-    flip only the axes training mirrored (``augmentation.mirror_axes``), since a network never shown a flip along
-    an axis (e.g. anterior-posterior, where a structure's position carries its label) mispredicts that flip.
+    Training mirrors and test-time mirroring flip the same axes (the result's ``mirror_axes``), since a network
+    never shown a flip along an axis (e.g. anterior-posterior, where a structure's position carries its label)
+    mispredicts that flip.
+
+    Raises:
+        ConfigError: an unknown configuration, or mirror axes outside the patch.
     """
-    import copy
-
-    plan = copy.deepcopy(plan)
-    conf = plan["configurations"][p.configuration]
+    conf = plan.configuration(p.configuration)
     t = p.train
+    changes: dict[str, Any] = {}
     if t.patch_size:
-        conf["patch_size"] = [int(v) for v in t.patch_size]
+        if len(t.patch_size) != conf.network_dims:
+            raise ConfigError("train.patch_size", t.patch_size,
+                              f"{conf.network_dims} values for the {conf.network_dims}D configuration {p.configuration}")
+        changes["patch_size"] = [int(v) for v in t.patch_size]
     if t.batch_size:
-        conf["batch_size"] = int(t.batch_size)
+        changes["batch_size"] = int(t.batch_size)
     if t.network:
-        conf["network"] = {"name": t.network["name"], "kwargs": dict(t.network.get("kwargs") or {})}
+        changes["network"] = NetworkSpec(str(t.network["name"]), dict(t.network.get("kwargs") or {}))
     if t.augmentation and t.augmentation.get("mirror_axes") is not None:
         axes = sorted({int(a) for a in t.augmentation["mirror_axes"]})
-        dims = len(conf["patch_size"])
+        dims = len(changes.get("patch_size", conf.patch_size))
         if any(not 0 <= a < dims for a in axes):
             raise ConfigError("train.augmentation.mirror_axes", t.augmentation["mirror_axes"],
                               f"spatial axes of the {dims}D patch, in [0, {dims})")
-        conf["mirror_axes"] = axes
-    return plan
+        changes["mirror_axes"] = axes
+    return dataclasses.replace(conf, **changes)
 
 
 def fold_is_finished(fold_dir: Path) -> bool:
@@ -207,45 +212,62 @@ def fold_is_finished(fold_dir: Path) -> bool:
     path = fold_dir / "checkpoint_latest.pt"
     if not path.is_file():
         return False
-    from medseg.training.checkpoint import load_checkpoint
+    from medseg.runtime import load_checkpoint
 
     return bool(load_checkpoint(path).get("finished", False))
 
 
 def finished_folds(run_dir: Path) -> list[int]:
     """Folds of ``run_dir`` whose training finished."""
-    out = []
-    for d in sorted(run_dir.glob("fold_*")):
-        if d.name[5:].isdigit() and fold_is_finished(d):
-            out.append(int(d.name[5:]))
-    return sorted(out)
+    return [f for f, d in fold_dirs(run_dir).items() if fold_is_finished(d)]
 
 
-def write_model_json(run: RunData, network_spec: dict[str, Any], folds: list[int]) -> None:
-    """Write ``model.json`` so that ``medseg predict -m RUN`` uses the run folder as it is."""
-    write_json(run.run_dir / "model.json", {
-        "network": network_spec,
-        "configuration": run.pipeline.configuration,
-        "folds": sorted(folds),
-        "num_classes": int(run.plan["num_classes"]),
-        "labels": run.plan.get("labels", {}),
-        "pipeline": run.pipeline.name,
-    })
+def update_model_record(run: RunData, network: dict[str, Any] | None = None, *,
+                        postprocessing: dict[str, Any] | None = None) -> ModelRecord:
+    """(Re)write ``RUN/model.json`` for the run's finished folds, so that ``medseg predict -m RUN`` works as is.
+
+    Args:
+        run: the prepared run.
+        network: the ``{name, kwargs}`` the folds were built with (``model_spec``); default: the existing record's.
+        postprocessing: the post-processing setting chosen by crossval; default: the existing record's when its
+            folds are the same, else none.
+
+    Returns:
+        The record written.
+    """
+    folds = finished_folds(run.run_dir)
+    old = None
+    if (run.run_dir / "model.json").is_file():
+        try:
+            old = load_model_record(run.run_dir)
+        except InputError:  # an unreadable old record is replaced, not trusted
+            old = None
+    if network is None:
+        if old is None:
+            raise InputError(run.run_dir / "model.json", "does not exist", "a run folder with a trained fold")
+        network = old.network.to_dict()
+    if postprocessing is None:
+        postprocessing = old.postprocessing if old is not None and old.folds == folds else {}
+    from medseg.planning import plan_hash
+
+    config = dataclasses.replace(run.config, network=NetworkSpec.from_dict(network))
+    record = ModelRecord.from_plan(run.plan, run.pipeline.configuration, config, folds=folds,
+                                   postprocessing=postprocessing, pipeline=run.pipeline.name,
+                                   plan_hash=plan_hash(run.plan))
+    write_model_record(run.run_dir, record)
+    return record
 
 
 def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
-    from medseg.networks import create_model, model_entry, model_spec
+    from medseg.networks import model_entry, model_spec
+    from medseg.runtime import build_network
 
-    cfg = run.pipeline.train
-    spec = cfg.network or run.config["network"]
-    kwargs = dict(spec.get("kwargs") or {})
-    for key in ("spatial_dims", "in_channels", "out_channels"):
-        kwargs.pop(key, None)
-    if "deep_supervision" in model_entry(spec["name"]).options:
-        kwargs["deep_supervision"] = bool(cfg.deep_supervision and kwargs.get("deep_supervision", True))
-    dims = 2 if run.config.get("slicewise") or int(run.plan["spatial_dims"]) == 2 else 3
-    net = create_model(spec["name"], spatial_dims=dims, in_channels=int(run.plan["in_channels"]),
-                       out_channels=int(run.plan["num_classes"]), **kwargs)
+    spec = run.config.network
+    kwargs = dict(spec.kwargs)
+    if "deep_supervision" in model_entry(spec.name).options:
+        kwargs["deep_supervision"] = bool(run.pipeline.train.deep_supervision and kwargs.get("deep_supervision", True))
+    net = build_network({"name": spec.name, "kwargs": kwargs}, spatial_dims=run.config.network_dims,
+                        in_channels=run.plan.in_channels, out_channels=run.plan.num_classes)
     return net, model_spec(net), bool(kwargs.get("deep_supervision", False))
 
 
@@ -278,27 +300,14 @@ def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_
 
     cfg = run.pipeline.train
     conf = run.config
-    kwargs: dict[str, Any] = {
-        "patch_size": cfg.patch_size or conf["patch_size"],
-        "batch_size": cfg.batch_size or conf["batch_size"],
-        "spatial_dims": 2 if conf.get("slicewise") or int(run.plan["spatial_dims"]) == 2 else 3,
-        "oversample_foreground": cfg.oversample_foreground,
-        # the run plan's mirror axes (the pipeline's augmentation.mirror_axes, else the planner's) are what both
-        # training and test-time mirroring flip, so a plan.json edited by hand cannot make them disagree
-        "augmentation": None if cfg.augmentation is None else {
-            **cfg.augmentation, "mirror_axes": conf.get("mirror_axes", cfg.augmentation.get("mirror_axes"))},
-        "seed": seed,
-        "fold": fold,
-        "num_workers": cfg.num_workers,
-        "augment_in_loader": augment_in_loader,
-    }
-    accepted = inspect.signature(PatchLoader).parameters
-    for name in ("num_batches", "batches_per_epoch"):
-        if name in accepted:
-            kwargs[name] = cfg.batches_per_epoch
-    if "slice_axis" in accepted and conf.get("slicewise"):
-        kwargs["slice_axis"] = conf.get("slice_axis", 2)
-    return PatchLoader(run.cache_dir, case_ids, **{k: v for k, v in kwargs.items() if k in accepted})
+    # the configuration's mirror axes (the pipeline's augmentation.mirror_axes, else the planner's) are what both
+    # training and test-time mirroring flip
+    augmentation = None if cfg.augmentation is None else {**cfg.augmentation, "mirror_axes": list(conf.mirror_axes)}
+    return PatchLoader(
+        run.cache_dir, case_ids, patch_size=conf.patch_size, batch_size=conf.batch_size,
+        spatial_dims=conf.network_dims, slice_axis=conf.slice_axis if conf.slicewise else None,
+        oversample_foreground=cfg.oversample_foreground, augmentation=augmentation, seed=seed, fold=fold,
+        num_workers=cfg.num_workers, num_batches=cfg.batches_per_epoch, augment_in_loader=augment_in_loader)
 
 
 def train_fold(
@@ -330,7 +339,8 @@ def train_fold(
 
     from medseg.data.splits import get_fold
     from medseg.losses import build_loss
-    from medseg.training.trainer import Trainer, ValCase, resolve_device
+    from medseg.runtime import resolve_device
+    from medseg.training.trainer import Trainer, ValCase
 
     rank, world = _dist_setup()
     cfg = pipeline.train
@@ -356,7 +366,7 @@ def train_fold(
     train_batches = _device_augmented(loader, device) if on_gpu else loader.epoch
     torch.manual_seed(int(np.random.SeedSequence([pipeline.seed, fold]).generate_state(1)[0]))
     net, spec, deep_sup = _network(run)
-    k = int(run.plan["num_classes"])
+    k = run.plan.num_classes
     counts = _class_counts(run.cache_dir, train_ids, k) if cfg.loss == "weighted_ce" else None
     loss = build_loss(cfg.loss, num_classes=k, class_counts=counts, deep_supervision=deep_sup,
                       options=cfg.loss_options)
@@ -364,21 +374,17 @@ def train_fold(
         ValCase(cid, np.load(run.cache_dir / f"{cid}.npy"), np.load(run.cache_dir / f"{cid}_seg.npy"))
         for cid in val_ids[: cfg.val_max_cases or None]]
     conf = run.config
-    slice_axis = int(conf.get("slice_axis", 2)) if conf.get("slicewise") and int(run.plan["spatial_dims"]) == 3 \
-        else None
     fold_dir = run.run_dir / f"fold_{fold}"
     trainer = Trainer(
         net, spec, loss, cfg, fold_dir,
-        train_batches=train_batches, val_cases=val_cases, patch_size=cfg.patch_size or conf["patch_size"],
-        num_classes=k, slice_axis=slice_axis, progress=progress,
-        extra={"fold": fold, "configuration": pipeline.configuration, "world_size": world},
+        train_batches=train_batches, val_cases=val_cases, patch_size=conf.patch_size,
+        num_classes=k, slice_axis=conf.slice_axis if conf.slicewise else None, progress=progress, fold=fold,
     )
     logger.info("fold %d: %d training / %d validation cases, patch %s, batch %s, %s, autocast %s, world %d",
-                fold, len(train_ids), len(val_ids), cfg.patch_size or conf["patch_size"],
-                cfg.batch_size or conf["batch_size"], device, trainer.amp_dtype, world)
+                fold, len(train_ids), len(val_ids), conf.patch_size, conf.batch_size, device, trainer.amp_dtype,
+                world)
     result = trainer.fit(resume=resume)
     if rank == 0:
-        done = sorted(set(finished_folds(run.run_dir)) | {fold})
-        write_model_json(run, spec, done)
+        update_model_record(run, spec)
     _barrier()
     return result

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.device import cpu_has_bf16
-from medseg.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medseg.runtime import load_checkpoint, resolve_device, resolve_precision, save_checkpoint
 from medseg.training.config import TrainConfig
 from medseg.training.optim import LRSchedule, build_optimizer
 from medseg.training.record import MetricsLog, plot_curves
 
-__all__ = ["ValCase", "FoldResult", "Trainer", "resolve_device", "resolve_amp", "cpu_has_bf16", "dice_per_class"]
+__all__ = ["ValCase", "FoldResult", "Trainer", "dice_per_class", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,28 +54,19 @@ class FoldResult:
     stopped_early: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available (this process's local rank under torchrun), else CPU."""
-    import os
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+def rng_state() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states, as tensors (a checkpoint's ``rng``)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (``auto``/``bf16``/``fp16``/``none``) on ``device``; None = float32."""
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> list[float]:
@@ -114,6 +104,7 @@ class Trainer:
         num_classes: K.
         slice_axis: for a 2D network validated on 3D cases, the axis slices are taken along; None otherwise.
         progress: called after every epoch with a dict (epoch, progress fraction, losses, Dice, lr, eta).
+        fold: the fold's index, recorded in its checkpoints.
     """
 
     def __init__(
@@ -130,14 +121,14 @@ class Trainer:
         num_classes: int,
         slice_axis: int | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
-        extra: dict[str, Any] | None = None,
+        fold: int | None = None,
     ):
         import torch.distributed as dist
 
         self.cfg = cfg
         self.fold_dir = Path(fold_dir)
         self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.amp_dtype = resolve_precision(cfg.amp, self.device)
         self.network = network.to(self.device)
         self.memory_format = torch.contiguous_format
         if cfg.channels_last:
@@ -151,7 +142,7 @@ class Trainer:
         self.num_classes = num_classes
         self.slice_axis = slice_axis
         self.progress_cb = progress
-        self.extra = dict(extra or {})
+        self.fold = fold
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.optimizer = build_optimizer(self.network, cfg)
@@ -174,7 +165,11 @@ class Trainer:
         self.bad_validations = 0
         self.last_val: float | None = None
         self.finished = False
-        self.valid_crop = _valid_crop(self.network, self.patch_size, self.device)
+        from medseg.inference.sliding_window import SlidingWindowInferer
+
+        self.validation = SlidingWindowInferer.for_network(
+            self.network, self.patch_size, slice_axis=slice_axis, overlap=cfg.val_overlap, batch_size=4,
+            device=self.device, amp_dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict[str, Any]:
@@ -193,7 +188,7 @@ class Trainer:
             "finished": self.finished,
             "patch_size": self.patch_size,
             "num_classes": self.num_classes,
-            **self.extra,
+            "fold": self.fold,
         }
 
     def _restore(self, path: Path) -> None:
@@ -223,19 +218,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
         """Sliding-window prediction of every validation case; mean foreground Dice and per-class Dice."""
-        from medseg.inference.sliding_window import sliding_window_predict, sliding_window_predict_slices
-
         self.network.eval()
         scores = []
         for case in self.val_cases:
-            img = torch.from_numpy(np.ascontiguousarray(case.image))
-            kw = {"patch_size": self.patch_size, "overlap": self.cfg.val_overlap, "batch_size": 4,
-                  "device": self.device, "amp_dtype": self.amp_dtype,
-                  "valid_crop": self.valid_crop if any(self.valid_crop) else None}
-            if self.slice_axis is not None and img.ndim == 4:
-                logits = sliding_window_predict_slices(self.network, img, slice_axis=self.slice_axis, **kw)
-            else:
-                logits = sliding_window_predict(self.network, img, **kw)
+            logits = self.validation(self.network, torch.from_numpy(np.ascontiguousarray(case.image)))
             pred = logits.argmax(0).cpu().numpy()
             scores.append(dice_per_class(pred, np.asarray(case.label)[0], self.num_classes))
         self.network.train()
@@ -388,18 +374,6 @@ def _crop_to(target: torch.Tensor, outputs: torch.Tensor | Sequence[torch.Tensor
         lo = (t - o) // 2
         sl.append(slice(lo, lo + o))
     return target[tuple(sl)]
-
-
-@torch.no_grad()
-def _valid_crop(network: nn.Module, patch: Sequence[int], device: torch.device) -> tuple[int, ...]:
-    """Voxels per side that a valid-convolution network loses (0 for same-padding networks)."""
-    in_ch = next((m.in_channels for m in network.modules() if hasattr(m, "in_channels")), 1)
-    was_training = network.training
-    network.eval()
-    out = network(torch.zeros(1, int(in_ch), *patch, device=device))
-    network.train(was_training)
-    out = out if isinstance(out, torch.Tensor) else out[0]
-    return tuple((int(p) - int(o)) // 2 for p, o in zip(patch, out.shape[2:]))
 
 
 def _tensorboard(log_dir: Path, purge_step: int) -> Any:

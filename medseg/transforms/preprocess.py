@@ -10,29 +10,19 @@ the input's geometry.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from medseg.errors import ConfigError, InputError
 from medseg.io import Volume
+from medseg.planning.schema import Normalization, Plan
 from medseg.transforms.case import from_ras, to_ras
 
-__all__ = ["preprocess_volume", "restore_original", "normalize", "resample_array", "plan_config"]
+__all__ = ["preprocess_volume", "restore_original", "normalize", "resample_array"]
 
 log = logging.getLogger(__name__)
-
-
-def plan_config(plan: dict, config_name: str) -> dict:
-    """The configuration ``config_name`` of ``plan``.
-
-    Raises:
-        ConfigError: the plan has no such configuration.
-    """
-    configs = plan.get("configurations", {})
-    if config_name not in configs:
-        raise ConfigError("configuration", config_name, f"one of {sorted(configs)}")
-    return configs[config_name]
 
 
 def resample_array(array: np.ndarray, shape: tuple[int, ...] | list[int], *, is_label: bool) -> np.ndarray:
@@ -57,18 +47,20 @@ def resample_array(array: np.ndarray, shape: tuple[int, ...] | list[int], *, is_
     return F.interpolate(t, size=shape, mode=mode, align_corners=False)[0].numpy()
 
 
-def normalize(image: np.ndarray, schemes: list[dict]) -> np.ndarray:
-    """Normalise each channel by the plan's ``normalization`` entries (``zscore`` or ``ct``).
+def normalize(image: np.ndarray, schemes: Sequence[Normalization]) -> np.ndarray:
+    """Normalise each channel as the plan's ``normalization`` entries say.
 
     Args:
         image: float32 ``(C, *spatial)``.
-        schemes: one dict per channel: ``scheme``, ``mean``, ``std``, ``clip``, ``use_nonzero_mask``.
+        schemes: one :class:`~medseg.planning.Normalization` per channel: ``ct`` (clip, then the data set's
+            foreground mean/std), ``zscore`` (this image's mean/std), ``zscore_nonzero`` (mean/std inside the
+            nonzero mask, zero outside) or ``none``.
 
     Returns:
         The normalised float32 array (a new array).
 
     Raises:
-        ConfigError: channel count or scheme unknown.
+        ConfigError: channel count differs.
     """
     if len(schemes) != image.shape[0]:
         raise ConfigError("plan.normalization", f"{len(schemes)} entries",
@@ -76,14 +68,13 @@ def normalize(image: np.ndarray, schemes: list[dict]) -> np.ndarray:
     out = np.empty(image.shape, dtype=np.float32)
     for c, s in enumerate(schemes):
         x = image[c].astype(np.float32, copy=True)
-        scheme = s.get("scheme")
-        if scheme == "ct":
-            lo, hi = s["clip"]
+        if s.scheme == "ct":
+            lo, hi = s.clip  # type: ignore[misc]
             np.clip(x, lo, hi, out=x)
-            x -= float(s["mean"])
-            x /= max(float(s["std"]), 1e-8)
-        elif scheme == "zscore":
-            mask = x != 0 if s.get("use_nonzero_mask") else None
+            x -= float(s.mean)
+            x /= max(float(s.std), 1e-8)
+        elif s.scheme in ("zscore", "zscore_nonzero"):
+            mask = x != 0 if s.scheme == "zscore_nonzero" else None
             vals = x[mask] if mask is not None else x
             if vals.size == 0:
                 vals = x
@@ -93,10 +84,6 @@ def normalize(image: np.ndarray, schemes: list[dict]) -> np.ndarray:
                 x[~mask] = 0.0
             else:
                 x = (x - mean) / max(std, 1e-8)
-        elif scheme == "none":
-            pass
-        else:
-            raise ConfigError(f"plan.normalization[{c}].scheme", scheme, "'zscore', 'ct' or 'none'")
         out[c] = x
     return out
 
@@ -109,13 +96,13 @@ def _target_shape(shape: tuple[int, ...], spacing: np.ndarray, target: list[floa
 
 
 def preprocess_volume(
-    image: Volume, plan: dict, config_name: str, label: Volume | None = None
+    image: Volume, plan: Plan | Mapping[str, Any], config_name: str, label: Volume | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Bring one case into the plan space of ``config_name``.
 
     Args:
         image: the case's image (channel-first Volume, all channels).
-        plan: a plan from :func:`medseg.planning.make_plan` / ``load_plan``.
+        plan: a :class:`~medseg.planning.Plan` (or a plan dict, validated here).
         config_name: e.g. ``"3d_fullres"`` or ``"2d"``.
         label: its label map on the same grid, or None.
 
@@ -127,12 +114,13 @@ def preprocess_volume(
         InputError: channel count or dimensionality differ from the plan, or the label grid differs.
         ConfigError: unknown configuration.
     """
-    cfg = plan_config(plan, config_name)
+    plan = Plan.coerce(plan)
+    cfg = plan.configuration(config_name)
     src = image.meta.get("source")
-    if image.channels != int(plan["in_channels"]):
-        raise InputError(src, f"has {image.channels} channels", f"{plan['in_channels']} as in the plan")
-    if image.spatial_dims != int(plan["spatial_dims"]):
-        raise InputError(src, f"is {image.spatial_dims}D", f"a {plan['spatial_dims']}D image as in the plan")
+    if image.channels != plan.in_channels:
+        raise InputError(src, f"has {image.channels} channels", f"{plan.in_channels} as in the plan")
+    if image.spatial_dims != plan.spatial_dims:
+        raise InputError(src, f"is {image.spatial_dims}D", f"a {plan.spatial_dims}D image as in the plan")
     if label is not None and label.shape != image.shape:
         raise InputError(label.meta.get("source"), f"label shape {label.shape} differs from image {image.shape}",
                          "a label on the image's voxel grid")
@@ -157,14 +145,14 @@ def preprocess_volume(
     seg = seg[sl] if seg is not None else None
     crop_shape = arr.shape[1:]
 
-    target = [None if t is None else float(t) for t in cfg["spacing"]]
+    target = cfg.spacing
     if len(target) != len(crop_shape):
-        raise ConfigError(f"{config_name}.spacing", cfg["spacing"], f"{len(crop_shape)} values")
+        raise ConfigError(f"{config_name}.spacing", cfg.spacing, f"{len(crop_shape)} values")
     new_shape = _target_shape(crop_shape, spacing, target)
     arr = resample_array(arr, new_shape, is_label=False)
     if seg is not None:
         seg = resample_array(seg, new_shape, is_label=True).astype(np.int16)
-    arr = normalize(arr, plan["normalization"])
+    arr = normalize(arr, plan.normalization)
 
     # plan-space affine: crop offset, then align_corners=False scaling
     scale = np.array(crop_shape, dtype=float) / np.array(new_shape, dtype=float)

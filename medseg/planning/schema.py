@@ -1,0 +1,331 @@
+"""The typed plan: :class:`Plan`, its :class:`Configuration` s, :class:`Normalization` and :class:`NetworkSpec`.
+
+A plan is written as JSON (``plan.json``) and read back by one loader, :meth:`Plan.from_dict`, that validates every
+field and migrates older files (``version: 1``, written before this schema, carried no ``schema_version``). Every
+default lives here, in the dataclass fields; no other module supplies one with ``dict.get``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import InputError
+
+__all__ = ["SCHEMA_VERSION", "NORMALIZATION_SCHEMES", "NetworkSpec", "Normalization", "Configuration", "Plan"]
+
+#: Version of the plan and model-record JSON written by this release (1: the first release's plan.json).
+SCHEMA_VERSION = 2
+NORMALIZATION_SCHEMES = ("ct", "zscore", "zscore_nonzero", "none")
+
+
+class _Reader:
+    """Typed access to one JSON object, with errors naming the file and the key."""
+
+    def __init__(self, data: Any, source: str | Path | None, where: str):
+        if not isinstance(data, Mapping):
+            raise InputError(source, f"{where or 'the file'} is not a JSON object", "a plan written by medseg")
+        self.data, self.source, self.where = data, source, where
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _bad(self, key: str, expected: str) -> InputError:
+        return InputError(self.source, f"{self._key(key)} = {self.data.get(key)!r} is invalid", expected)
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str, default: Any = dataclasses.MISSING) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is dataclasses.MISSING:
+                raise InputError(self.source, f"lacks {self._key(key)}", "a complete file written by medseg")
+            return default
+        return self.data[key]
+
+    def int(self, key: str, default: Any = dataclasses.MISSING, minimum: int | None = None) -> int:
+        v = self.raw(key, default)
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+            raise self._bad(key, "an integer" + (f" >= {minimum}" if minimum is not None else ""))
+        return int(v)
+
+    def float(self, key: str, default: Any = dataclasses.MISSING) -> float | None:
+        v = self.raw(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self._bad(key, "a number")
+        return float(v)
+
+    def str(self, key: str, default: Any = dataclasses.MISSING) -> str:
+        v = self.raw(key, default)
+        if v is None:
+            return v
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def bool(self, key: str, default: Any = dataclasses.MISSING) -> bool:
+        v = self.raw(key, default)
+        if v is None:
+            return v
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def ints(self, key: str, default: Any = dataclasses.MISSING) -> list[int]:
+        v = self.raw(key, default)
+        if v is None:
+            return v
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise self._bad(key, "a list of integers")
+        return [int(x) for x in v]
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.raw(key), self.source, self._key(key))
+
+
+@dataclass
+class NetworkSpec:
+    """A network as the registry builds it: ``create_model(name, **kwargs)`` (kwargs may include the reserved
+    ``spatial_dims``/``in_channels``/``out_channels``, which the model record supplies when rebuilding)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None, where: str = "network") -> NetworkSpec:
+        r = _Reader(data, source, where)
+        kwargs = r.raw("kwargs", {})
+        if not isinstance(kwargs, Mapping):
+            raise r._bad("kwargs", "a mapping of network options")
+        return cls(r.str("name"), dict(kwargs))
+
+
+@dataclass
+class Normalization:
+    """How one image channel is normalised (see :func:`medseg.transforms.preprocess.normalize`).
+
+    ``ct``: clip to ``clip`` then subtract ``mean`` and divide by ``std`` (data-set foreground statistics);
+    ``zscore``: per case; ``zscore_nonzero``: per case inside the nonzero mask, zero outside; ``none``.
+    """
+
+    scheme: str
+    mean: float = 0.0
+    std: float = 1.0
+    clip: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "mean": self.mean, "std": self.std, "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None, where: str = "normalization") -> Normalization:
+        r = _Reader(data, source, where)
+        scheme = r.str("scheme")
+        if scheme == "zscore" and r.bool("use_nonzero_mask", False):  # version 1 spelled it as a flag
+            scheme = "zscore_nonzero"
+        if scheme not in NORMALIZATION_SCHEMES:
+            raise r._bad("scheme", "one of " + ", ".join(NORMALIZATION_SCHEMES))
+        clip = r.raw("clip", None)
+        if scheme == "ct":
+            if not (isinstance(clip, list) and len(clip) == 2):
+                raise r._bad("clip", "[low, high] for the ct scheme")
+            clip = [float(clip[0]), float(clip[1])]
+        else:
+            clip = None
+        return cls(scheme, float(r.float("mean", 0.0)), float(r.float("std", 1.0)), clip)
+
+
+@dataclass
+class Configuration:
+    """One way to train and predict a data set (``3d_fullres``, ``2d``, ...).
+
+    Attributes:
+        spacing: target spacing per axis of the data (``None`` on the slice axis of a slice-wise configuration).
+        patch_size: network input patch (2 entries for 2D networks, also for slice-wise 3D data).
+        batch_size: patches per training batch.
+        network: the network to build.
+        mirror_axes: patch axes flipped by training augmentation and test-time mirroring (the same axes).
+        slicewise: a 2D network over the slices of 3D data.
+        slice_axis: the data axis that slices are taken across (slice-wise only).
+        median_shape, pools_per_axis, estimated_memory_gb: what the planner saw and decided (informative).
+    """
+
+    spacing: list[float | None]
+    patch_size: list[int]
+    batch_size: int
+    network: NetworkSpec
+    mirror_axes: list[int] = field(default_factory=list)
+    slicewise: bool = False
+    slice_axis: int | None = None
+    median_shape: list[int] = field(default_factory=list)
+    pools_per_axis: list[int] = field(default_factory=list)
+    estimated_memory_gb: float | None = None
+
+    @property
+    def network_dims(self) -> int:
+        """Spatial dimensions of the network: the number of patch axes (2 for slice-wise 3D data)."""
+        return len(self.patch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["network"] = self.network.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None, where: str = "configuration") -> Configuration:
+        r = _Reader(data, source, where)
+        spacing = r.raw("spacing")
+        if not isinstance(spacing, list) or any(s is not None and (isinstance(s, bool) or
+                                                                   not isinstance(s, (int, float)) or s <= 0)
+                                                for s in spacing):
+            raise r._bad("spacing", "a list of positive numbers (null on a slice axis)")
+        patch = r.ints("patch_size")
+        if not 2 <= len(patch) <= 3 or min(patch) < 1:
+            raise r._bad("patch_size", "2 or 3 positive integers")
+        slicewise = r.bool("slicewise", False)
+        slice_axis = r.int("slice_axis", None) if slicewise else None
+        if slicewise and slice_axis is None:
+            slice_axis = 2  # version 1 plans of the first release always wrote it; 2 was its only default
+        mirror = r.ints("mirror_axes", list(range(len(patch))))
+        if any(not 0 <= a < len(patch) for a in mirror):
+            raise r._bad("mirror_axes", f"axes of the {len(patch)}D patch, in [0, {len(patch)})")
+        return cls(
+            spacing=[None if s is None else float(s) for s in spacing],
+            patch_size=patch,
+            batch_size=r.int("batch_size", minimum=1),
+            network=NetworkSpec.from_dict(r.raw("network"), source, r._key("network")),
+            mirror_axes=sorted(set(mirror)),
+            slicewise=slicewise,
+            slice_axis=slice_axis,
+            median_shape=r.ints("median_shape", []),
+            pools_per_axis=r.ints("pools_per_axis", []),
+            estimated_memory_gb=r.float("estimated_memory_gb", None),
+        )
+
+
+@dataclass
+class Plan:
+    """A data set's plan: what preprocessing, training and inference need, with one entry per configuration.
+
+    Attributes:
+        dataset: the data set's name.
+        spatial_dims: 2 or 3 (of the data).
+        in_channels: image channels.
+        num_classes: network outputs (background included).
+        labels: ``{class index: name}``.
+        normalization: one entry per channel.
+        configurations: ``{name: Configuration}``.
+        device, memory_gb: what the plan was sized for.
+        fingerprint: the data set fingerprint's summary (informative; ``manifest_hash`` keys the cache).
+    """
+
+    dataset: str
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    labels: dict[int, str]
+    normalization: list[Normalization]
+    configurations: dict[str, Configuration]
+    device: str = "cpu"
+    memory_gb: float | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def configuration(self, name: str) -> Configuration:
+        """The configuration ``name``.
+
+        Raises:
+            ConfigError: the plan has no such configuration (the message lists those it has).
+        """
+        from medseg.errors import ConfigError
+
+        if name not in self.configurations:
+            raise ConfigError("configuration", name, "one of " + ", ".join(sorted(self.configurations)))
+        return self.configurations[name]
+
+    def with_configuration(self, name: str, conf: Configuration) -> Plan:
+        """A copy holding only ``name`` = ``conf`` (what a trained model's record keeps)."""
+        return dataclasses.replace(self, configurations={name: conf})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "dataset": self.dataset,
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "device": self.device,
+            "memory_gb": self.memory_gb,
+            "normalization": [n.to_dict() for n in self.normalization],
+            "configurations": {k: c.to_dict() for k, c in self.configurations.items()},
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None, where: str = "") -> Plan:
+        """Validate (and migrate) a plan read from JSON.
+
+        Raises:
+            InputError: a newer or unknown version, a missing key or a value of the wrong type.
+        """
+        r = _Reader(data, source, where)
+        version = r.int("schema_version", None)
+        if version is None:
+            legacy = r.raw("version", None)
+            if legacy != 1:
+                raise InputError(source, f"has plan version {legacy!r}",
+                                 f"schema_version {SCHEMA_VERSION} (or version 1) as written by `medseg plan`")
+            version = 1
+        if version > SCHEMA_VERSION:
+            raise InputError(source, f"has schema_version {version}, newer than this medseg understands "
+                             f"({SCHEMA_VERSION})", "a newer medseg release, or a plan made by this one")
+        dims = r.int("spatial_dims")
+        if dims not in (2, 3):
+            raise r._bad("spatial_dims", "2 or 3")
+        labels_raw = r.raw("labels", {})
+        if not isinstance(labels_raw, Mapping):
+            raise r._bad("labels", "a mapping of class index to name")
+        try:
+            labels = {int(k): str(v) for k, v in labels_raw.items()}
+        except (TypeError, ValueError):
+            raise r._bad("labels", "integer class indices as keys") from None
+        norm = r.raw("normalization")
+        if not isinstance(norm, list):
+            raise r._bad("normalization", "a list with one entry per channel")
+        confs = r.raw("configurations")
+        if not isinstance(confs, Mapping) or not confs:
+            raise r._bad("configurations", "a mapping of configuration names to configurations")
+        plan = cls(
+            dataset=r.str("dataset", "dataset"),
+            spatial_dims=dims,
+            in_channels=r.int("in_channels", minimum=1),
+            num_classes=r.int("num_classes", minimum=2),
+            labels=labels,
+            normalization=[Normalization.from_dict(n, source, r._key(f"normalization[{i}]"))
+                           for i, n in enumerate(norm)],
+            configurations={str(k): Configuration.from_dict(v, source, r._key(f"configurations.{k}"))
+                            for k, v in confs.items()},
+            device=r.str("device", "cpu"),
+            memory_gb=r.float("memory_gb", None),
+            fingerprint=dict(r.raw("fingerprint", {})),
+        )
+        if len(plan.normalization) != plan.in_channels:
+            raise InputError(source, f"has {len(plan.normalization)} normalization entries for "
+                             f"{plan.in_channels} channels", "one entry per channel")
+        return plan
+
+    @classmethod
+    def coerce(cls, plan: Plan | Mapping[str, Any], source: str | Path | None = None) -> Plan:
+        """``plan`` itself, or a plan dict validated by :meth:`from_dict` (for callers holding parsed JSON)."""
+        return plan if isinstance(plan, Plan) else cls.from_dict(plan, source)
+
