@@ -149,6 +149,7 @@ class SwinUNETRNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.deep_supervision = False
+        # Sizes divisible by 32 (training also needs more than one bottleneck voxel: instance norm).
         self.output_shape = SameShape(spatial_dims, divisor=32, name="swin_unetr")
         self.net = SwinUNETR(
             in_channels=in_channels,
