@@ -132,6 +132,7 @@ def register_model_deprecations(deprecations: dict[str, str]) -> None:
         ValueError: when an old name is a registered model or already deprecated, or a new name is not a
             registered (current) model (programming errors).
     """
+    _ensure_builtin()  # so a deprecation of a built-in model can be declared right after import
     for old, new in deprecations.items():
         if old in _REGISTRY or old in _DEPRECATIONS:
             raise ValueError(f"cannot deprecate {old!r}: it is already a model name or a deprecated alias")
