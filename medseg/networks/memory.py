@@ -141,8 +141,7 @@ def _check_args(patch_size: Sequence[int], spatial_dims: int, batch_size: int) -
 
 
 def _output_spatial(model: nn.Module, patch_size: Sequence[int]) -> tuple[int, ...]:
-    shape_fn = getattr(model, "output_shape", None)
-    return tuple(shape_fn(patch_size)) if shape_fn is not None else tuple(patch_size)
+    return tuple(model.output_shape(tuple(patch_size)))  # every create_model network declares it
 
 
 def estimate_memory(

@@ -1,8 +1,8 @@
 """MONAI's U-Net++ and Swin-UNETR, registered in the factory and adapted to medseg's forward contract.
 
-``unetpp`` wraps ``monai.networks.nets.BasicUNetPlusPlus`` (spatial sizes divisible by 16); with
-``deep_supervision=True`` in training mode it returns its nested heads, which are all at full resolution
-(``deep_supervision_scales`` says so). ``swin_unetr`` wraps ``monai.networks.nets.SwinUNETR`` (spatial sizes
+``unetpp`` wraps ``monai.networks.nets.BasicUNetPlusPlus`` (spatial sizes of at least 16, best divisible by
+16); with ``deep_supervision=True`` in training mode it returns its nested heads, which are all at full
+resolution (``deep_supervision_scales`` says so); without it the three unused heads are not built. ``swin_unetr`` wraps ``monai.networks.nets.SwinUNETR`` (spatial sizes
 divisible by 32); it has no deep supervision and needs the ``einops`` package.
 """
 
@@ -16,6 +16,7 @@ from monai.networks.nets import BasicUNetPlusPlus, SwinUNETR
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.networks.contract import SameShape
 from medseg.networks.registry import register_model
 
 __all__ = ["UNetPlusPlus", "SwinUNETRNet"]
@@ -27,6 +28,15 @@ def _layer_arg(name: str, value: str | Sequence) -> str | tuple:
     if isinstance(value, Sequence) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], dict):
         return (value[0], dict(value[1]))
     raise ConfigError(name, value, "a layer name or [name, {kwargs}]")
+
+
+_UNUSED_HEADS = ("final_conv_0_1", "final_conv_0_2", "final_conv_0_3")
+
+
+def _drop_unused_heads(module, state_dict, prefix, *args) -> None:
+    # Checkpoints written before the unused heads were removed still hold their weights: ignore them.
+    for key in [k for k in state_dict if k.startswith(tuple(f"{prefix}net.{h}." for h in _UNUSED_HEADS))]:
+        del state_dict[key]
 
 
 class UNetPlusPlus(nn.Module):
@@ -58,7 +68,11 @@ class UNetPlusPlus(nn.Module):
         if len(features) != 6:
             raise ConfigError("features", list(features), "six channel counts (MONAI BasicUNetPlusPlus)")
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
         self.deep_supervision = deep_supervision
+        # Same padding; MONAI pads odd sizes after each 2x pooling, so any size of at least 2**4 works.
+        self.output_shape = SameShape(spatial_dims, min_size=16, name="unetpp")
         self.net = BasicUNetPlusPlus(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -70,6 +84,12 @@ class UNetPlusPlus(nn.Module):
             dropout=dropout,
             upsample=upsample,
         )
+        if not deep_supervision:
+            # MONAI builds the three nested heads even when it discards their outputs: they would be
+            # parameters without gradients (a DDP error, wasted optimizer state). Identity keeps its forward.
+            for head in _UNUSED_HEADS:
+                setattr(self.net, head, nn.Identity())
+            self.register_load_state_dict_pre_hook(_drop_unused_heads)
 
     @property
     def deep_supervision_scales(self) -> list[tuple[int, ...]]:
@@ -126,7 +146,11 @@ class SwinUNETRNet(nn.Module):
         if feature_size % 12:
             raise ConfigError("feature_size", feature_size, "a multiple of 12")
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
         self.deep_supervision = False
+        # Sizes divisible by 32 (training also needs more than one bottleneck voxel: instance norm).
+        self.output_shape = SameShape(spatial_dims, divisor=32, name="swin_unetr")
         self.net = SwinUNETR(
             in_channels=in_channels,
             out_channels=out_channels,

@@ -161,6 +161,8 @@ class UNet(nn.Module):
                               f"positive counts, {n} for the encoder and {n - 1} for the decoder")
 
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
         self.features = features
         self.strides = strides_t
         self.kernel_sizes = kernels_t
