@@ -39,9 +39,10 @@ def val_cases(n=2, seed=100):
 
 
 def tiny_net(seed: int = 0):
-    from monai.networks.nets import UNet
+    """A two-stage medseg U-Net (3 classes) and its spec, built by the registry as training builds networks."""
+    from medseg.networks import create_model, model_spec
 
     torch.manual_seed(seed)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
-    spec = {"name": "monai_unet", "kwargs": {"channels": [4, 8], "strides": [2]}}
-    return net, spec
+    net = create_model("unet", spatial_dims=3, in_channels=1, out_channels=3, features=[4, 8], strides=[1, 2],
+                       deep_supervision=False)
+    return net, model_spec(net)

@@ -38,7 +38,7 @@ def test_trainer_learns_and_writes_the_fold_record(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert list(tmp_path.glob("events.out.tfevents.*"))
     ckpt = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
-    assert ckpt["epoch"] == 7 and ckpt["network"]["name"] == "monai_unet"
+    assert ckpt["epoch"] == 7 and ckpt["network"]["name"] == "unet" and ckpt["fold"] is None
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and "state" in ckpt["optimizer"]
 
 

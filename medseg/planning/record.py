@@ -40,7 +40,8 @@ class ModelRecord:
         config: the configuration as trained (its ``network`` is the exact network built for the folds).
         spatial_dims: dimensions of the data (3 for slice-wise 2D networks of 3D data).
         in_channels: image channels; channel_names: their modalities, in order.
-        num_classes: network outputs; labels: ``{class index: name}``.
+        num_classes: network outputs; labels: ``{class index: name}``; label_values: the label value written
+            for each class index (the data's own values, e.g. 0/200/500/600).
         normalization: one entry per channel.
         folds: the trained folds that form the ensemble.
         postprocessing: the setting (``PostprocessSetting.to_dict()``) chosen on the out-of-fold predictions.
@@ -58,9 +59,14 @@ class ModelRecord:
     folds: list[int]
     postprocessing: dict[str, Any] = field(default_factory=dict)
     channel_names: list[str] = field(default_factory=list)
+    label_values: list[int] = field(default_factory=list)
     pipeline: str | None = None
     plan_hash: str | None = None
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.label_values:
+            self.label_values = list(range(self.num_classes))
 
     @property
     def network(self) -> NetworkSpec:
@@ -70,7 +76,7 @@ class ModelRecord:
         """A one-configuration :class:`Plan` (the trained one), for preprocessing."""
         return Plan(dataset=self.dataset, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
                     num_classes=self.num_classes, labels=dict(self.labels), normalization=list(self.normalization),
-                    configurations={self.configuration: self.config})
+                    configurations={self.configuration: self.config}, label_values=list(self.label_values))
 
     @classmethod
     def from_plan(cls, plan: Plan, configuration: str, config: Configuration, *, folds: list[int],
@@ -82,7 +88,7 @@ class ModelRecord:
                    normalization=list(plan.normalization), folds=sorted(int(f) for f in folds),
                    postprocessing=dict(postprocessing or {}),
                    channel_names=[str(m) for m in plan.fingerprint.get("modalities", [])],
-                   pipeline=pipeline, plan_hash=plan_hash)
+                   label_values=list(plan.label_values), pipeline=pipeline, plan_hash=plan_hash)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +101,7 @@ class ModelRecord:
             "channel_names": list(self.channel_names),
             "num_classes": self.num_classes,
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "label_values": list(self.label_values),
             "normalization": [n.to_dict() for n in self.normalization],
             "config": self.config.to_dict(),
             "folds": list(self.folds),
@@ -128,7 +135,8 @@ class ModelRecord:
                    config=config, spatial_dims=plan.spatial_dims,
                    in_channels=plan.in_channels, num_classes=plan.num_classes, labels=plan.labels,
                    normalization=plan.normalization, folds=sorted(folds), postprocessing=post,
-                   channel_names=[str(n) for n in names], pipeline=r.raw("pipeline", None),
+                   channel_names=[str(n) for n in names], label_values=plan.label_values,
+                   pipeline=r.raw("pipeline", None),
                    plan_hash=r.raw("plan_hash", None), schema_version=version)
 
 

@@ -226,6 +226,9 @@ class Plan:
         configurations: ``{name: Configuration}``.
         device, memory_gb: what the plan was sized for.
         fingerprint: the data set fingerprint's summary (informative; ``manifest_hash`` keys the cache).
+        label_values: the label value in the data's files of each class index (``label_values[k]`` is written
+            for class ``k``; e.g. ``[0, 200, 500, 600]``); default: the class indices themselves.
+        explain: ``{choice: the fact that decided it}`` for ``medseg plan --explain``.
     """
 
     dataset: str
@@ -238,7 +241,13 @@ class Plan:
     device: str = "cpu"
     memory_gb: float | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    label_values: list[int] = field(default_factory=list)
+    explain: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.label_values:
+            self.label_values = list(range(self.num_classes))
 
     def configuration(self, name: str) -> Configuration:
         """The configuration ``name``.
@@ -268,6 +277,8 @@ class Plan:
             "memory_gb": self.memory_gb,
             "normalization": [n.to_dict() for n in self.normalization],
             "configurations": {k: c.to_dict() for k, c in self.configurations.items()},
+            "label_values": list(self.label_values),
+            "explain": dict(self.explain),
             "fingerprint": self.fingerprint,
         }
 
@@ -318,7 +329,11 @@ class Plan:
             device=r.str("device", "cpu"),
             memory_gb=r.float("memory_gb", None),
             fingerprint=dict(r.raw("fingerprint", {})),
+            label_values=r.ints("label_values", []),
+            explain={str(k): str(v) for k, v in dict(r.raw("explain", {})).items()},
         )
+        if len(plan.label_values) != plan.num_classes:
+            raise r._bad("label_values", f"one label value per class ({plan.num_classes})")
         if len(plan.normalization) != plan.in_channels:
             raise InputError(source, f"has {len(plan.normalization)} normalization entries for "
                              f"{plan.in_channels} channels", "one entry per channel")

@@ -264,10 +264,22 @@ def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
 
     spec = run.config.network
     kwargs = dict(spec.kwargs)
+    asked = "deep_supervision" in kwargs  # the spec's own choice; else the pipeline's train.deep_supervision
     if "deep_supervision" in model_entry(spec.name).options:
         kwargs["deep_supervision"] = bool(run.pipeline.train.deep_supervision and kwargs.get("deep_supervision", True))
-    net = build_network({"name": spec.name, "kwargs": kwargs}, spatial_dims=run.config.network_dims,
-                        in_channels=run.plan.in_channels, out_channels=run.plan.num_classes)
+
+    def build(kw: dict[str, Any]) -> Any:
+        return build_network({"name": spec.name, "kwargs": kw}, spatial_dims=run.config.network_dims,
+                             in_channels=run.plan.in_channels, out_channels=run.plan.num_classes)
+
+    try:
+        net = build(kwargs)
+    except ConfigError as exc:
+        if asked or exc.name != "deep_supervision" or not kwargs.get("deep_supervision"):
+            raise
+        logger.info("%s has no deep-supervision heads: trained with one output", spec.name)
+        kwargs["deep_supervision"] = False
+        net = build(kwargs)
     return net, model_spec(net), bool(kwargs.get("deep_supervision", False))
 
 
