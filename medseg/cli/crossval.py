@@ -16,7 +16,9 @@ def register(subparsers) -> None:
     from medseg.cli.train import add_common
 
     p = subparsers.add_parser("crossval", help="k-fold cross-validation: train, out-of-fold metrics, model folder",
-                              description="Train every fold (folds already trained are reused), predict each fold's "
+                              description="`medseg crossval --dataset DIR` needs no YAML: every choice comes from the "
+                              "plan and the training recipe for the device and --time-budget (a --config only "
+                              "overrides). Train every fold (folds already trained are reused), predict each fold's "
                               "validation cases, write per_case.csv, crossval_summary.json, postprocessing.json and "
                               "model.json (all folds = an ensemble for `medseg predict -m RUN`).")
     add_common(p)
@@ -33,6 +35,7 @@ def run(args) -> int:
     from medseg.training.crossval import run_crossval
 
     pipeline = load_pipeline(args.config, overrides(args))
+    print(f"training recipe: {pipeline.recipe}", file=sys.stderr)
     bars: dict[int, ProgressBar] = {}
 
     def progress(fold: int, info: dict) -> None:

@@ -10,12 +10,17 @@ import argparse
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `crossval`."""
-    p.add_argument("--config", "-c", required=True, metavar="YAML", help="pipeline config, e.g. pipelines/demo.yaml")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="pipeline config whose values override the defaults, e.g. pipelines/demo.yaml (default: "
+                        "none -- every choice from the plan and the training recipe for the device and budget; "
+                        "then --dataset is required)")
     p.add_argument("--output", "-o", metavar="DIR", help="run folder (default: the config's `output`)")
     p.add_argument("--dataset", metavar="DIR", help="data set folder (default: the config's `dataset`)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from checkpoint_latest.pt")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="training time per fold; the LR schedule decays to the end of it (config: max_minutes)")
+                   help="training time per fold, held to the step; the LR schedule decays to the end of it and "
+                        "validation/checkpoint intervals follow it (config: max_minutes; CPU default without a "
+                        "config: 20)")
     p.add_argument("--epochs", type=int, help="maximum epochs (config: train.epochs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (config: train.device)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32", "none"),
@@ -71,9 +76,10 @@ class ProgressBar:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train one fold of a pipeline (patient-wise split, resumable)",
-                              description="Train fold K of a pipeline config into RUN/fold_K; writes model.json so "
-                              "that `medseg predict -m RUN` works with the folds trained so far.")
+    p = subparsers.add_parser("train", help="train one fold (patient-wise split, resumable); no YAML needed",
+                              description="Train fold K into RUN/fold_K (`--dataset DIR` alone, or a pipeline "
+                              "config to override the defaults); writes model.json so that `medseg predict -m RUN` "
+                              "works with the folds trained so far.")
     add_common(p)
     p.add_argument("--fold", "-f", type=int, required=True, help="fold index (0-based) of splits.json")
     p.set_defaults(func=run)
@@ -88,6 +94,8 @@ def run(args) -> int:
 
     pipeline = load_pipeline(args.config, overrides(args))
     rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"training recipe: {pipeline.recipe}", file=sys.stderr)
     bar = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {args.fold}")
     try:
         res = train_fold(pipeline, args.fold, resume=args.resume, progress=bar)

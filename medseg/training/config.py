@@ -58,12 +58,15 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False  # channels-last memory format (3D: ~10% faster bf16 steps on AVX512 CPUs)
     val_every: int = 5
+    val_every_minutes: float | None = None  # with a budget: validate at the first epoch end this long after the last
     val_overlap: float = 0.5
     val_max_cases: int | None = None
     checkpoint_every: int = 5
+    checkpoint_every_minutes: float | None = None  # checkpoint_latest.pt at least this often (minutes)
     ema: float = 0.9  # smoothing of the validation Dice that picks the best checkpoint
     patience: int | None = None  # validations without EMA improvement before early stopping
-    batch_size: int | None = None  # None: the plan's
+    batch_size: int | None = None  # None: the plan's (times batch_scale)
+    batch_scale: float = 1.0  # fraction of the plan's batch when batch_size is None (short budgets: 0.5)
     patch_size: list[int] | None = None  # None: the plan's
     oversample_foreground: float = 0.33
     augmentation: dict[str, Any] | None = field(default_factory=dict)  # overrides of the defaults; null = none
@@ -91,6 +94,12 @@ class TrainConfig:
             raise ConfigError("train.lr", self.lr, "a positive number")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError("train.max_minutes", self.max_minutes, "a positive number of minutes or null")
+        for key in ("val_every_minutes", "checkpoint_every_minutes"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"train.{key}", v, "a positive number of minutes or null")
+        if not 0 < self.batch_scale <= 1:
+            raise ConfigError("train.batch_scale", self.batch_scale, "a fraction in (0, 1]")
         if not 0 <= self.ema < 1:
             raise ConfigError("train.ema", self.ema, "a smoothing factor in [0, 1)")
         if not 0 <= self.oversample_foreground <= 1:
@@ -119,6 +128,7 @@ class PipelineConfig:
     cache: Path | None = None  # preprocess cache root; default OUTPUT/cache
     splits: Path | None = None  # an existing splits.json to use; default OUTPUT/splits.json (made if absent)
     plan: Path | None = None  # an existing plan.json; default: planned from the data
+    recipe: str | None = None  # which training recipe filled the options the YAML left out, and why
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,37 +192,81 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         cache=_path(data.get("cache"), base),
         splits=_path(data.get("splits"), base),
         plan=_path(data.get("plan"), base),
+        recipe=data.get("recipe"),
         train=train,
     )
 
 
-def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML.
+def load_pipeline(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline: the training recipe for the device and budget, overridden by the YAML, then by ``overrides``.
+
+    Without a YAML (``path=None``) everything comes from the recipe and the plan: ``overrides`` must name the
+    ``dataset``; the name is the data set folder's, the run goes to ``runs/NAME`` and the configuration is the
+    plan's first (``auto``). Options the YAML sets are kept as written; an interval the YAML gives in epochs
+    (``val_every``, ``checkpoint_every``) is not replaced by the recipe's interval in minutes.
 
     Args:
-        path: the YAML file.
+        path: the YAML file, or None.
         overrides: values replacing the file's (top-level keys, and ``train`` keys merged into ``train:``).
 
     Returns:
-        The validated configuration.
+        The validated configuration (``recipe`` says which recipe filled the rest, and why).
 
     Raises:
         InputError: the file is missing or not valid YAML.
-        ConfigError: invalid options.
+        ConfigError: invalid options, or no data set without a YAML.
     """
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "pipeline config not found", "a YAML file such as pipelines/demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})", "a YAML mapping") from exc
-    data = dict(data or {})
+    from medseg.training.recipe import train_recipe
+
+    data: dict[str, Any] = {}
+    base = None
+    where = "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(path, "pipeline config not found", "a YAML file such as pipelines/demo.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})", "a YAML mapping") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(str(path), type(loaded).__name__, "a YAML mapping of pipeline options")
+        data = dict(loaded or {})
+        base, where = path.resolve().parent, str(path)
+    if data.get("train") is not None and not isinstance(data["train"], dict):
+        raise ConfigError(f"{where}: train", data["train"], "a mapping of training options")
     for key, value in (overrides or {}).items():
         if key == "train":
             data["train"] = {**(data.get("train") or {}), **value}
         else:
             data[key] = value
-    return pipeline_from_dict(data, base=path.resolve().parent, where=str(path))
+    if path is None:
+        if not data.get("dataset"):
+            raise ConfigError("--dataset", None, "a data set folder (or --config pipelines/NAME.yaml)")
+        name = Path(str(data["dataset"])).resolve().name or "dataset"
+        data.setdefault("name", name)
+        data.setdefault("configuration", "auto")
+    user = dict(data.get("train") or {})
+    device = _device_type(user.get("device", "auto"))
+    options, reason = train_recipe(device, user.get("max_minutes"))
+    for group in (("val_every", "val_every_minutes"), ("checkpoint_every", "checkpoint_every_minutes")):
+        if any(k in user for k in group):
+            for k in group:
+                options.pop(k, None)
+    if "batch_size" in user:
+        options.pop("batch_scale", None)
+    data["train"] = {**options, **user}
+    data["recipe"] = reason
+    return pipeline_from_dict(data, base=base, where=where)
+
+
+def _device_type(name: Any) -> str:
+    """``cpu`` or ``cuda``: what ``auto`` (or a named device) trains on here."""
+    text = str(name)
+    if text == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if text.startswith("cuda") else "cpu"

@@ -110,6 +110,9 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
     else:
         logger.info("planning %s for %s", manifest.name, device)
         plan = make_plan(fingerprint(manifest), device=device)
+    if p.configuration == "auto":  # no YAML: the plan's first configuration (3d_fullres for 3D data, else 2d)
+        p = dataclasses.replace(p, configuration=next(iter(plan.configurations)))
+        logger.info("configuration %s (the plan's first)", p.configuration)
     config = resolve_configuration(plan, p)
     split_path = run_dir / "splits.json"
     if p.splits is not None and not split_path.is_file():
@@ -118,6 +121,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
             raise InputError(p.splits, f"has {len(splits)} folds but the pipeline asks for {p.folds}",
                              f"folds: {len(splits)} in the pipeline, or a {p.folds}-fold split file")
     if write:
+        logger.info("training recipe: %s", p.recipe)
         _check_same_config(run_dir / "config.yaml", p)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not run_plan.is_file():
@@ -163,9 +167,10 @@ def _check_same_config(path: Path, p: PipelineConfig) -> None:
         raise InputError(path, f"cannot be read ({exc})", "the config.yaml that medseg wrote") from None
     old_flat = _flatten(json.loads(json.dumps(old, default=str)))
     new_flat = _flatten(json.loads(json.dumps(p.to_dict(), default=str)))
-    ignored = ("output", "cache")  # where things are written, not what the run is
+    ignored = ("output", "cache", "recipe")  # where things are written and a description, not what the run is
+    # keys an older release did not write are options it did not have: compared only where both have them
     diff = sorted(k for k in set(old_flat) | set(new_flat)
-                  if k not in ignored and old_flat.get(k) != new_flat.get(k))
+                  if k not in ignored and k in old_flat and old_flat.get(k) != new_flat.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in diff[:4])
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
@@ -195,6 +200,8 @@ def resolve_configuration(plan: Plan, p: PipelineConfig) -> Configuration:
         changes["patch_size"] = [int(v) for v in t.patch_size]
     if t.batch_size:
         changes["batch_size"] = int(t.batch_size)
+    elif t.batch_scale != 1.0:  # the recipe's "batch sized for steps"
+        changes["batch_size"] = max(2, int(round(conf.batch_size * t.batch_scale)))
     if t.network:
         changes["network"] = NetworkSpec(str(t.network["name"]), dict(t.network.get("kwargs") or {}))
     if t.augmentation and t.augmentation.get("mirror_axes") is not None:

@@ -165,6 +165,10 @@ class Trainer:
         self.bad_validations = 0
         self.last_val: float | None = None
         self.finished = False
+        self._val_reserve_s = 0.0  # how long the last validation took (kept free at the budget's end)
+        self._last_val_at = 0.0  # elapsed seconds at the last validation / checkpoint (time-based intervals)
+        self._last_ckpt_at = 0.0
+        self._val_subset: int | None = None  # validation cases used with a budget (chosen at the first validation)
         from medseg.inference.sliding_window import SlidingWindowInferer
 
         self.validation = SlidingWindowInferer.for_network(
@@ -183,7 +187,9 @@ class Trainer:
             "epoch": self.epoch,
             "elapsed_s": self.elapsed_s,
             "trainer": {"ema": self.ema, "best_ema": self.best_ema, "best_epoch": self.best_epoch,
-                        "bad_validations": self.bad_validations, "last_val": self.last_val},
+                        "bad_validations": self.bad_validations, "last_val": self.last_val,
+                        "val_reserve_s": self._val_reserve_s, "last_val_at": self._last_val_at,
+                        "last_ckpt_at": self._last_ckpt_at, "val_subset": self._val_subset},
             "rng": rng_state(),
             "finished": self.finished,
             "patch_size": self.patch_size,
@@ -203,6 +209,10 @@ class Trainer:
         t = ckpt["trainer"]
         self.ema, self.best_ema, self.best_epoch = t["ema"], float(t["best_ema"]), int(t["best_epoch"])
         self.bad_validations, self.last_val = int(t["bad_validations"]), t["last_val"]
+        self._val_reserve_s = float(t.get("val_reserve_s", 0.0))  # absent in first-release checkpoints
+        self._last_val_at = float(t.get("last_val_at", self.elapsed_s))
+        self._last_ckpt_at = float(t.get("last_ckpt_at", self.elapsed_s))
+        self._val_subset = t.get("val_subset")
         set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [x.cpu() for x in v])
                        for k, v in ckpt["rng"].items()})
         logger.info("resumed from %s at epoch %d (%.0f s of training done)", path, self.epoch + 1, self.elapsed_s)
@@ -217,13 +227,19 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
-        """Sliding-window prediction of every validation case; mean foreground Dice and per-class Dice."""
+        """Sliding-window prediction of the validation cases (with a time budget, the first ones that fit it);
+        mean foreground Dice and per-class Dice."""
         self.network.eval()
         scores = []
-        for case in self.val_cases:
+        for i, case in enumerate(self.val_cases):
+            if self._val_subset is not None and i >= self._val_subset:
+                break
+            t0 = time.perf_counter()
             logits = self.validation(self.network, torch.from_numpy(np.ascontiguousarray(case.image)))
             pred = logits.argmax(0).cpu().numpy()
             scores.append(dice_per_class(pred, np.asarray(case.label)[0], self.num_classes))
+            if i == 0 and self._val_subset is None:
+                self._val_subset = self._choose_val_subset(time.perf_counter() - t0)
         self.network.train()
         if not scores:
             return float("nan"), []
@@ -236,11 +252,49 @@ class Trainer:
         per_class = np.nan_to_num(per_class, nan=0.0)
         return float(per_class.mean()), [float(x) for x in per_class]
 
+    def _choose_val_subset(self, case_s: float) -> int:
+        """How many validation cases fit the budget: all without a budget or with ``val_max_cases``; else as many
+        as keep every validation within 1.5% of the budget (about 15% over ten validations), at least 2."""
+        n = len(self.val_cases)
+        if not self.cfg.max_minutes or self.cfg.val_max_cases or n <= 2:
+            return n
+        k = max(2, min(n, int(0.015 * 60.0 * self.cfg.max_minutes / max(case_s, 1e-6))))
+        if k < n:
+            logger.info("validating %d of %d cases (%.1f s each) to keep validation within the %g-minute budget",
+                        k, n, case_s, self.cfg.max_minutes)
+        return k
+
     # ------------------------------------------------------------------ training
-    def _train_epoch(self, epoch: int) -> float:
+    def _due(self, every_minutes: float | None, since_s: float, now_s: float) -> bool:
+        return every_minutes is not None and now_s - since_s >= 60.0 * every_minutes
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, bool]:
+        """One epoch; returns ``(mean loss, last learning rate, budget reached)``.
+
+        The learning rate follows the progress at every step. With a time budget (single process), the epoch ends
+        early when the budget, less the time the last validation took, is spent, or when a time-based validation
+        is due, so an epoch is never longer than the validation interval.
+        """
         self.model.train()
         total, n = 0.0, 0
-        for batch in self.train_batches(epoch):
+        cfg = self.cfg
+        budget = 60.0 * cfg.max_minutes if cfg.max_minutes else None
+        per_epoch = max(1, int(cfg.batches_per_epoch))
+        t0 = time.perf_counter()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        reached = False
+        for step, batch in enumerate(self.train_batches(epoch)):
+            now = self.elapsed_s + (time.perf_counter() - t0)
+            if step and not self.distributed:  # DDP ranks must take the same steps: they stop at epoch ends
+                if budget is not None and now + self._val_reserve_s >= budget:
+                    reached = True
+                    break
+                if self._due(cfg.val_every_minutes, self._last_val_at, now):
+                    break
+            p = (epoch + step / per_epoch) / cfg.epochs
+            if budget is not None:
+                p = max(p, now / budget)
+            lr = self.schedule.step(epoch, min(p, 1.0))
             x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             y = batch["label"].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -256,8 +310,8 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.grad_clip)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.grad_clip)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -265,7 +319,7 @@ class Trainer:
                 self.optimizer.step()
             total += float(loss.detach())
             n += 1
-        return total / max(n, 1)
+        return total / max(n, 1), lr, reached
 
     def _sync(self, values: list[float]) -> list[float]:
         """Rank 0's values on every rank (DDP); unchanged otherwise."""
@@ -303,26 +357,34 @@ class Trainer:
         epoch = self.epoch + 1
         progress = self._progress(epoch)
         while epoch < cfg.epochs and progress < 1.0:
-            lr = self.schedule.step(epoch, progress)
+            self.schedule.step(epoch, progress)
             t0 = time.perf_counter()
-            train_loss = self._train_epoch(epoch)
+            train_loss, lr, reached = self._train_epoch(epoch)
             dt = time.perf_counter() - t0
             self.elapsed_s += dt
             self.epoch = epoch
-            progress, self.elapsed_s = self._sync([self._progress(epoch + 1), self.elapsed_s])
-            final = progress >= 1.0 or epoch + 1 >= cfg.epochs
+            progress, self.elapsed_s, reached_f = self._sync([self._progress(epoch + 1), self.elapsed_s,
+                                                              float(reached)])
+            final = progress >= 1.0 or epoch + 1 >= cfg.epochs or bool(reached_f)
             row: dict[str, Any] = {"epoch": epoch, "train_loss": round(train_loss, 6), "lr": lr,
                                    "epoch_s": round(dt, 3), "elapsed_s": round(self.elapsed_s, 1)}
             stop = 0.0
             if main:
-                if (epoch + 1) % cfg.val_every == 0 or final:
+                due = (self._due(cfg.val_every_minutes, self._last_val_at, self.elapsed_s)
+                       if cfg.val_every_minutes is not None else (epoch + 1) % cfg.val_every == 0)
+                if due or final:
                     stop = float(self._validate_and_select(row))
                     self.elapsed_s += row["val_s"]  # the time budget is wall time of the whole loop
+                    self._val_reserve_s = row["val_s"]
+                    self._last_val_at = self.elapsed_s
                     row["elapsed_s"] = round(self.elapsed_s, 1)
                 metrics.append(row)  # type: ignore[union-attr]
                 _log_scalars(writer, row)
                 self.finished = bool(final or stop)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or final or stop:
+                ckpt_due = (self._due(cfg.checkpoint_every_minutes, self._last_ckpt_at, self.elapsed_s)
+                            if cfg.checkpoint_every_minutes is not None else (epoch + 1) % cfg.checkpoint_every == 0)
+                if ckpt_due or final or stop:
+                    self._last_ckpt_at = self.elapsed_s
                     save_checkpoint(latest, self._checkpoint())
                 if "val_dice" in row or final:
                     plot_curves(metrics.rows, self.fold_dir / "curves.png")  # type: ignore[union-attr]
@@ -334,6 +396,8 @@ class Trainer:
                 stopped_early = True
                 logger.info("early stopping after epoch %d: no EMA Dice improvement in %d validations",
                             epoch, cfg.patience)
+                break
+            if final:
                 break
             epoch += 1
         if writer is not None:
