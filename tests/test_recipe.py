@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_recipe_for_device_and_budget():
     cpu, why = train_recipe("cpu", None)
-    assert cpu["optimizer"] == "adamw" and cpu["max_minutes"] == 20 and "20 minutes" in why
+    assert cpu["optimizer"] == "adamw" and cpu["max_minutes"] == 20 and "20 minutes per fold" in why
     assert cpu["val_every_minutes"] == pytest.approx(2.0) and cpu["batch_scale"] == 0.5
     gpu_long, why = train_recipe("cuda", None)
     assert gpu_long["optimizer"] == "sgd" and gpu_long["momentum"] == 0.99 and gpu_long["max_minutes"] is None

@@ -35,7 +35,6 @@ def run(args) -> int:
     from medseg.training.crossval import run_crossval
 
     pipeline = load_pipeline(args.config, overrides(args))
-    print(f"training recipe: {pipeline.recipe}", file=sys.stderr)
     bars: dict[int, ProgressBar] = {}
 
     def progress(fold: int, info: dict) -> None:

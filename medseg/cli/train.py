@@ -94,8 +94,6 @@ def run(args) -> int:
 
     pipeline = load_pipeline(args.config, overrides(args))
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"training recipe: {pipeline.recipe}", file=sys.stderr)
     bar = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {args.fold}")
     try:
         res = train_fold(pipeline, args.fold, resume=args.resume, progress=bar)

@@ -121,7 +121,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
             raise InputError(p.splits, f"has {len(splits)} folds but the pipeline asks for {p.folds}",
                              f"folds: {len(splits)} in the pipeline, or a {p.folds}-fold split file")
     if write:
-        logger.info("training recipe: %s", p.recipe)
+        logger.info("options the pipeline does not set: %s", p.recipe)
         _check_same_config(run_dir / "config.yaml", p)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not run_plan.is_file():

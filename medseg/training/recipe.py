@@ -46,7 +46,7 @@ def train_recipe(device: str, minutes: float | None) -> tuple[dict[str, Any], st
     """
     if device == "cpu" and minutes is None:
         minutes = CPU_DEFAULT_MINUTES
-        budget_note = f"no --time-budget on the CPU: {CPU_DEFAULT_MINUTES:g} minutes per fold"
+        budget_note = f"no time budget given on the CPU, so {CPU_DEFAULT_MINUTES:g} minutes per fold"
     else:
         budget_note = "no time budget" if minutes is None else f"a {minutes:g}-minute budget per fold"
     if minutes is not None and (device == "cpu" or minutes <= SHORT_BUDGET_MINUTES):
@@ -57,7 +57,7 @@ def train_recipe(device: str, minutes: float | None) -> tuple[dict[str, Any], st
             "val_every_minutes": round(float(minutes) / 10.0, 3),
             "checkpoint_every_minutes": round(min(3.0, float(minutes) / 8.0), 3),
         }
-        reason = (f"short-schedule recipe ({budget_note} on {device}): AdamW 3e-3, poly decay to the budget's end, "
+        reason = (f"short-schedule recipe ({budget_note}, {device}): AdamW 3e-3, poly decay to the budget's end, "
                   "half the plan's batch, light augmentation, validation every tenth of the budget")
         return options, reason
     options = {
@@ -68,6 +68,6 @@ def train_recipe(device: str, minutes: float | None) -> tuple[dict[str, Any], st
     if minutes is not None:
         options["val_every_minutes"] = round(float(minutes) / 10.0, 3)
         options["checkpoint_every_minutes"] = 5.0
-    reason = (f"nnU-Net's recipe ({budget_note} on {device}): SGD 0.01 momentum 0.99, poly over 1000 epochs of 250 "
+    reason = (f"nnU-Net's recipe ({budget_note}, {device}): SGD 0.01 momentum 0.99, poly over 1000 epochs of 250 "
               "batches, default augmentation, the plan's batch")
     return options, reason
