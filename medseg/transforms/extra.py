@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -57,8 +58,9 @@ def _lookup(name: Any, where: str) -> type:
     try:
         return look_up_option(name, table, print_all_options=False)
     except ValueError as exc:
-        guess = str(exc).splitlines()[0] + " " if "did you mean" in str(exc) else ""
-        raise ConfigError(where, name, f"{guess}a random dictionary transform of medseg or MONAI: "
+        match = re.search(r"did you mean '([^']+)'", str(exc))
+        guess = f" (did you mean {match.group(1)!r}?)" if match else ""
+        raise ConfigError(where, name, f"a random dictionary transform of medseg or MONAI{guess}; valid: "
                                        + ", ".join(sorted(table))) from None
 
 
