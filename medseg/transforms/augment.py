@@ -16,13 +16,15 @@ draw their own and call the same functions.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_AUGMENTATION", "augment_batch", "resolve_params", "make_generator", "spatial_grid", "resample",
+__all__ = ["DEFAULT_AUGMENTATION", "augment_batch", "resolve_params", "make_generator", "single_threaded", "spatial_grid", "resample",
            "mirror", "add_noise", "blur", "brightness", "contrast", "lowres", "gamma"]
 
 #: nnU-Net-like defaults; ``p_*`` are per-sample probabilities.
@@ -71,6 +73,21 @@ def make_generator(seed: int, fold: int, epoch: int, worker: int, device: str | 
     g = torch.Generator(device=device)
     g.manual_seed(int(state[0] % (2**63 - 1)))
     return g
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch intra-op thread inside the block (restored after).
+
+    Patch-sized ops gain little from intra-op threads, and on a busy CPU OpenMP spinning makes them up to 10x
+    slower; DataLoader workers are single-threaded already, the main process is limited here.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ resamples every key on ONE grid (label keys nearest), so image and label stay al
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -75,10 +76,11 @@ class _RandBatchd(Randomizable, MapTransform):
         ref = tensors[keys[0]]
         g = torch.Generator(device=ref.device)
         g.manual_seed(self._seed)
-        draws = self._draw(g, ref.shape[0], ref)
+        with aug.single_threaded() if ref.device.type == "cpu" else contextlib.nullcontext():
+            draws = self._draw(g, ref.shape[0], ref)
+            results = {k: self._apply(k, tensors[k], draws) for k in keys}
         for k in keys:
-            y = self._apply(k, tensors[k], draws)
-            y = y if batched else y[0]
+            y = results[k] if batched else results[k][0]
             if isinstance(out[k], MetaTensor):
                 y = MetaTensor(y).copy_meta_from(out[k])
             out[k] = y
