@@ -59,9 +59,9 @@ def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
             raise ConfigError(f"augmentation.{k}", v, f"one of {sorted(out)}")
         out[k] = v
     if out["extra"]:
-        from medseg.transforms.extra import validate_extra
+        from medseg.transforms.extra import check_extra
 
-        validate_extra(out["extra"])
+        check_extra(out["extra"])
     return out
 
 

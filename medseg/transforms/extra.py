@@ -20,7 +20,7 @@ import numpy as np
 
 from medseg.errors import ConfigError
 
-__all__ = ["transform_table", "validate_extra", "build_extra", "apply_extra"]
+__all__ = ["transform_table", "validate_extra", "check_extra", "build_extra", "apply_extra"]
 
 #: Keys of the dictionaries the extra transforms see: the patch and its label map.
 DATA_KEYS = ("image", "label")
@@ -109,6 +109,25 @@ def build_extra(specs: list[dict[str, Any]]) -> list[Any]:
 @functools.lru_cache(maxsize=32)
 def _cached(key: str) -> list[Any]:
     return build_extra(json.loads(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _checked(key: str) -> None:
+    validate_extra(json.loads(key))
+
+
+def check_extra(specs: Any) -> None:
+    """:func:`validate_extra`, done once per process for each spec list (``augment_batch`` checks every batch).
+
+    Raises:
+        ConfigError: see :func:`validate_extra`.
+    """
+    try:
+        key = json.dumps(specs, sort_keys=True)
+    except TypeError:  # not plain data: validate_extra names what is wrong
+        validate_extra(specs)
+        return
+    _checked(key)
 
 
 def apply_extra(image: Any, label: Any, specs: list[dict[str, Any]], generator: Any) -> tuple[Any, Any]:
