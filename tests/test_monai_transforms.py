@@ -284,3 +284,54 @@ def test_misspelt_extra_transform_is_a_one_line_cli_error(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "did you mean 'RandCoarseDropoutd'?" in lines[0], err
     assert lines[0].startswith("medseg train: error: train.augmentation.extra[0].name='RandCoarseDropoutD2'")
+
+
+# ------------------------------------------------------------------------ other formats and MONAI's loader
+def test_load_volumed_reads_nrrd_mha_and_channel_lists_like_medseg(tmp_path):
+    rng = np.random.default_rng(0)
+    aff = np.array([[0.0, -1.5, 0, 4], [0.8, 0, 0, -3], [0, 0, 2.5, 7], [0, 0, 0, 1]])
+    for i in range(2):
+        write_volume(Volume(rng.normal(size=(1, 9, 7, 5)).astype(np.float32), aff), tmp_path / f"c{i}.nrrd")
+    write_volume(Volume(rng.integers(0, 3, (1, 9, 7, 5)).astype(np.int16), aff), tmp_path / "lab.mha")
+    files = {"image": [str(tmp_path / "c0.nrrd"), str(tmp_path / "c1.nrrd")], "label": str(tmp_path / "lab.mha")}
+    d = LoadVolumed(["image", "label"])(files)
+    image, label = load_case(files["image"], files["label"])
+    assert d["image"].shape == (2, 9, 7, 5) and np.array_equal(d["image"].numpy(), image.array)
+    assert np.array_equal(d["label"].numpy(), label.array) and d["label"].dtype == torch.int16
+    assert np.allclose(d["image"].affine.numpy(), image.affine) and np.allclose(d["label"].affine.numpy(), aff)
+    assert d["image"].meta["filename_or_obj"] == files["image"][0]
+    write_volume(Volume(np.zeros((1, 9, 7, 4), np.int16), aff), tmp_path / "bad.mha")
+    from medseg.errors import InputError
+
+    with pytest.raises(InputError, match=r"bad\.mha: label grid"):
+        LoadVolumed(["image", "label"])({**files, "label": str(tmp_path / "bad.mha")})
+
+
+def test_preprocess_from_pland_takes_monai_loadimaged_output(shared_data):
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+    root = shared_data("hippocampus")
+    files = {"image": str(root / "imagesTr" / "hippocampus_004.nii.gz"),
+             "label": str(root / "labelsTr" / "hippocampus_004.nii.gz")}
+    plan = _plan((1.3, 0.8, 1.1))
+    ours = Compose([LoadVolumed(["image", "label"]), PreprocessFromPland(plan, "cfg")])(files)
+    theirs = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]),
+                      PreprocessFromPland(plan, "cfg")])(files)
+    assert np.array_equal(ours["image"].numpy(), theirs["image"].numpy())
+    assert np.array_equal(ours["label"].numpy(), theirs["label"].numpy())
+    assert np.allclose(ours["image"].affine.numpy(), theirs["image"].affine.numpy())
+
+
+def test_a_collated_monai_batch_is_augmented_as_a_batch():
+    from monai.data import list_data_collate
+
+    img, lab = _box(2)
+    batch = list_data_collate([{"image": MetaTensor(img[i]), "label": MetaTensor(lab[i])} for i in range(2)])
+    assert batch["image"].is_batch
+    t = R.RandSpatiald(["image", "label"], prob_rotation=1.0, rotation_deg=40.0)  # batch=False: the flag decides
+    t.set_random_state(0)
+    out = t(batch)
+    assert out["image"].shape == img.shape and out["image"].is_batch
+    assert not torch.equal(out["label"].as_tensor(), lab)
+    s, li = out["image"].as_tensor() > 0, out["label"].as_tensor() == 1
+    assert 2 * (s & li).sum() / (s.sum() + li.sum()) > 0.97
