@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = _interleaved({
         "MONAI LoadImaged+RandCropByPosNegLabeld": monai_loader(manifest, patch, bs, args.workers, False),
         "MONAI same, CacheDataset (decoded in RAM)": monai_loader(manifest, patch, bs, args.workers, True),
-        "medseg Compose, CacheDataset, same crop": compose_loader(cache, det, patch, bs, args.workers, False, False),
+        "medseg Compose, CacheDataset, same crop": compose_loader(cache, det, patch, bs, args.workers, False,
+                                                                  False),
         "medseg Compose, CacheDataset + cached indices": compose_loader(cache, det, patch, bs, args.workers, True,
                                                                         False),
         "medseg Compose + indices + medseg aug transforms": compose_loader(cache, det, patch, bs, args.workers,

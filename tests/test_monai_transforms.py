@@ -33,7 +33,8 @@ def _plan(spacing, channels=1):
 def test_compose_gives_medseg_preprocessing(case, shared_data):
     if case == "nifti_with_label":
         root = shared_data("hippocampus")
-        images, label, spacing = [root / "imagesTr" / "hippocampus_004.nii.gz"], root / "labelsTr" / "hippocampus_004.nii.gz", (1.3, 0.8, 1.1)
+        images, label = [root / "imagesTr" / "hippocampus_004.nii.gz"], root / "labelsTr" / "hippocampus_004.nii.gz"
+        spacing = (1.3, 0.8, 1.1)
     elif case == "dicom_crop":
         images, label, spacing = [shared_data("dicom", "tcia_pgbm003", "11_HCropVolume")], None, (0.9, 1.2, 1.5)
     else:
@@ -205,8 +206,9 @@ def test_augmentation_transforms_follow_the_configuration():
 
 # ------------------------------------------------------------------------ augmentation.extra
 BIAS = {"name": "RandBiasFieldd", "kwargs": {"keys": ["image"], "prob": 1.0, "coeff_range": [0.3, 0.5]}}
-AFFINE = {"name": "RandAffined", "kwargs": {"keys": ["image", "label"], "prob": 1.0, "rotate_range": [0.5, 0.5, 0.5],
-                                            "mode": ["bilinear", "nearest"], "padding_mode": "reflection"}}
+AFFINE = {"name": "RandAffined", "kwargs": {"keys": ["image", "label"], "prob": 1.0,
+                                            "rotate_range": [0.5, 0.5, 0.5], "mode": ["bilinear", "nearest"],
+                                            "padding_mode": "reflection"}}
 
 
 def test_extra_monai_transforms_are_applied_seeded_and_aligned():

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_AUGMENTATION", "augment_batch", "resolve_params", "make_generator", "single_threaded", "spatial_grid", "resample",
-           "mirror", "add_noise", "blur", "brightness", "contrast", "lowres", "gamma"]
+__all__ = ["DEFAULT_AUGMENTATION", "augment_batch", "resolve_params", "make_generator", "single_threaded",
+           "spatial_grid", "resample", "mirror", "add_noise", "blur", "brightness", "contrast", "lowres", "gamma"]
 
 #: nnU-Net-like defaults; ``p_*`` are per-sample probabilities.
 DEFAULT_AUGMENTATION: dict[str, Any] = {
@@ -226,7 +226,8 @@ def contrast(img: torch.Tensor, go: torch.Tensor, factor: torch.Tensor) -> torch
 
 
 def lowres(img: torch.Tensor, go: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Simulate low resolution on the selected samples: nearest down to ``factor`` of the size, linear up (in place)."""
+    """Simulate low resolution on the selected samples: nearest down to ``factor`` of the size, linear up
+    (in place)."""
     size = img.shape[2:]
     mode = "trilinear" if len(size) == 3 else "bilinear"
     for i in torch.nonzero(go).flatten().tolist():

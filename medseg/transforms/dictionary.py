@@ -144,7 +144,8 @@ class PreprocessFromPland(MapTransform, InvertibleTransform):
             info = self.pop_transform(x)["extra_info"]
             props = info["props"]
             arr = x.as_tensor().detach().cpu().numpy() if isinstance(x, MetaTensor) else np.asarray(x)
-            is_label = not np.issubdtype(arr.dtype, np.floating) or (info["mode"] == "nearest" and arr.shape[0] == 1)
+            nearest_one_channel = info["mode"] == "nearest" and arr.shape[0] == 1
+            is_label = not np.issubdtype(arr.dtype, np.floating) or nearest_one_channel
             out = MetaTensor(torch.from_numpy(restore_original(arr, props, is_label=is_label)))
             if isinstance(x, MetaTensor):
                 out = out.copy_meta_from(x)

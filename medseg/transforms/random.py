@@ -132,7 +132,8 @@ class RandSpatiald(_RandBatchd):
         else:
             modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
         if len(modes) != len(self.keys) or any(m not in ("bilinear", "nearest") for m in modes):
-            raise ConfigError("RandSpatiald.mode", mode, f"'bilinear' or 'nearest', one or one per key {self.keys}")
+            raise ConfigError("RandSpatiald.mode", mode,
+                              f"'bilinear' or 'nearest', one or one per key {self.keys}")
         self.mode = dict(zip(self.keys, modes))
         self.prob_rotation = _prob("RandSpatiald.prob_rotation", prob_rotation)
         self.prob_scale = _prob("RandSpatiald.prob_scale", prob_scale)
