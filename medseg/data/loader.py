@@ -247,16 +247,10 @@ class PatchLoader:
         image = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32, copy=False))
         label = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
         if self.augmentation is not None and self.augment_in_loader:
-            from medseg.transforms.augment import augment_batch
+            from medseg.transforms.augment import augment_batch, single_threaded
 
-            # patch-sized ops gain little from intra-op threads, and on a busy CPU OpenMP spinning makes them
-            # 10x slower; worker processes are already single-threaded, the main process is limited here
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with single_threaded():  # the default chain and any ``extra`` transforms
                 image, label = augment_batch(image, label, self.augmentation, gen)
-            finally:
-                torch.set_num_threads(threads)
         return {"image": image, "label": label}
 
     def generator(self, epoch: int, device: Any = "cpu", worker: int = 0) -> Any:

@@ -69,7 +69,8 @@ class TrainConfig:
     batch_scale: float = 1.0  # fraction of the plan's batch when batch_size is None (short budgets: 0.5)
     patch_size: list[int] | None = None  # None: the plan's
     oversample_foreground: float = 0.33
-    augmentation: dict[str, Any] | None = field(default_factory=dict)  # overrides of the defaults; null = none
+    # overrides of the defaults (null = none); ``extra``: [{name, kwargs}] transforms appended to the chain
+    augmentation: dict[str, Any] | None = field(default_factory=dict)
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -106,6 +107,13 @@ class TrainConfig:
             raise ConfigError("train.oversample_foreground", self.oversample_foreground, "a fraction in [0, 1]")
         if self.network is not None and "name" not in self.network:
             raise ConfigError("train.network", self.network, 'a mapping {"name": ..., "kwargs": {...}}')
+        if self.augmentation and self.augmentation.get("extra"):
+            from medseg.transforms.extra import validate_extra
+
+            try:  # unknown transform names fail here, at config load, with a "did you mean"
+                validate_extra(self.augmentation["extra"])
+            except ConfigError as err:
+                raise ConfigError(f"train.{err.name}", err.value, err.expected) from None
         from medseg.losses import LOSSES
 
         if self.loss not in LOSSES:

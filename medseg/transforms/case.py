@@ -15,7 +15,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io import Volume, read_volume
 
-__all__ = ["load_case", "to_ras", "from_ras", "ras_ornt"]
+__all__ = ["load_case", "load_image", "load_label", "to_ras", "from_ras", "ras_ornt"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
         InputError: unreadable files, channels or label on a different grid than the first channel, or a label
             with non-integer values.
     """
+    image = load_image(images)
+    return image, (None if label is None else load_label(label, image, images[0]))
+
+
+def load_image(images: list[Path] | list[str]) -> Volume:
+    """Read a case's channel files into one channel-first float32 Volume (see :func:`load_case`).
+
+    Raises:
+        InputError: no files, unreadable files, or channels on different grids.
+    """
     if not images:
         raise InputError(None, "a case has no image files", "at least one image per case")
     vols = [read_volume(p) for p in images]
@@ -43,23 +53,32 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
             raise InputError(p, f"channel grid {v.shape} differs from the first channel {first.shape} "
                                 f"({images[0]})", "all channels of a case on one voxel grid")
     arr = np.concatenate([np.asarray(v.array, dtype=np.float32) for v in vols], axis=0)
-    image = Volume(arr, first.affine.copy(), first.spatial_dims, dict(first.meta))
-    seg = None
-    if label is not None:
-        lv = read_volume(label)
-        if lv.channels != 1:
-            raise InputError(label, f"label has {lv.channels} channels", "a single-channel integer label map")
-        if lv.shape != image.shape or not np.allclose(lv.affine, image.affine, atol=1e-3):
-            raise InputError(label, f"label grid {lv.shape} does not match its image grid {image.shape} "
-                                    f"({images[0]})", "a label on the same voxel grid as its image")
-        larr = np.asarray(lv.array)
-        if not np.issubdtype(larr.dtype, np.integer):
-            rounded = np.rint(larr)
-            if not np.array_equal(rounded, larr):
-                raise InputError(label, "label holds non-integer values", "an integer label map")
-            larr = rounded
-        seg = Volume(larr.astype(np.int16), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
-    return image, seg
+    return Volume(arr, first.affine.copy(), first.spatial_dims, dict(first.meta))
+
+
+def load_label(label: Path | str, image: Volume | None = None, image_path: Path | str | None = None) -> Volume:
+    """Read a label map as an int16 Volume, checked to be single-channel integers on ``image``'s grid.
+
+    Args:
+        label: the label file.
+        image: its image (None: no grid check); image_path: named in the grid-mismatch message.
+
+    Raises:
+        InputError: unreadable, several channels, another grid than ``image``, or non-integer values.
+    """
+    lv = read_volume(label)
+    if lv.channels != 1:
+        raise InputError(label, f"label has {lv.channels} channels", "a single-channel integer label map")
+    if image is not None and (lv.shape != image.shape or not np.allclose(lv.affine, image.affine, atol=1e-3)):
+        raise InputError(label, f"label grid {lv.shape} does not match its image grid {image.shape} "
+                                f"({image_path})", "a label on the same voxel grid as its image")
+    larr = np.asarray(lv.array)
+    if not np.issubdtype(larr.dtype, np.integer):
+        rounded = np.rint(larr)
+        if not np.array_equal(rounded, larr):
+            raise InputError(label, "label holds non-integer values", "an integer label map")
+        larr = rounded
+    return Volume(larr.astype(np.int16), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
 
 
 def ras_ornt(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
