@@ -79,7 +79,7 @@ def environment(device: str, nnunet: Path | None = None) -> dict:
             "gpu_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
             "gpu_memory_total_gb": round(total / 2**30, 1), "gpu_memory_free_gb": round(free / 2**30, 1),
             "cudnn": torch.backends.cudnn.version(), "bf16_supported": torch.cuda.is_bf16_supported(),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None,
+            "nccl": _nccl_version(),
         })
         smi = shutil.which("nvidia-smi")
         if smi:
@@ -88,6 +88,19 @@ def environment(device: str, nnunet: Path | None = None) -> dict:
         env["nnunetv2"] = _run([str(nnunet), "-c", "import importlib.metadata as m; print(m.version('nnunetv2'))"])
         env["nnunet_python"] = str(nnunet)
     return env
+
+
+def _nccl_version() -> str | None:
+    import torch
+    import torch.distributed as dist
+
+    try:
+        if not dist.is_available() or not dist.is_nccl_available():
+            return None
+        v = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):
+        return None
+    return ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
 def hippocampus_subset(src: Path, n: int, dst: Path) -> Path:

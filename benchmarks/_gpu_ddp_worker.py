@@ -25,6 +25,8 @@ from medseg.training.trainer import Trainer  # noqa: E402
 
 out, device = Path(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
+torch.backends.cudnn.deterministic = True  # the DDP and local backward passes must be comparable bit for bit
+torch.backends.cudnn.benchmark = False
 local = int(os.environ.get("LOCAL_RANK", 0))
 cuda = device == "cuda"
 if cuda:

@@ -80,6 +80,17 @@ def adapter_predict_masks(run_dir: Path, paths: list[Path], device: str, amp: st
     return [np.asarray(pred.predict(read_volume(p)).array) for p in paths]
 
 
+def adapter_plan_network(plan_json: Path, configuration: str = "3d_fullres") -> dict:
+    """What a plan sizes for its device: network name and kwargs, channels, classes, patch, batch, estimate."""
+    plan = json.loads(plan_json.read_text())
+    conf = plan["configurations"][configuration]
+    return {"name": conf["network"]["name"], "kwargs": conf["network"]["kwargs"],
+            "spatial_dims": int(plan["spatial_dims"]), "in_channels": int(plan["in_channels"]),
+            "out_channels": int(plan["num_classes"]), "patch_size": [int(p) for p in conf["patch_size"]],
+            "batch_size": int(conf["batch_size"]), "estimated_gb": conf.get("estimated_memory_gb"),
+            "memory_gb": plan.get("memory_gb")}
+
+
 def adapter_crossval_is_yaml_free() -> bool:
     """Whether `medseg crossval` runs from ``--dataset`` alone (no required ``--config``)."""
     from medseg.cli.main import build_parser
@@ -133,6 +144,9 @@ class Suite:
 
     # ------------------------------------------------------------------ sections
     def environment_(self) -> None:
+        if self.cuda and not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch.cuda.is_available() is False: install the CUDA build of torch "
+                             "(requirements-gpu.txt) or run with --device cpu --quick")
         self.environment = _common.environment(self.device, self.nnunet)
         e = self.environment
         self.add("environment", "GPU", "info", ", ".join(e.get("gpus", [])) or "none (no CUDA)")
@@ -140,9 +154,6 @@ class Suite:
                     "cpu_cores", "nnunetv2"):
             if e.get(key) is not None:
                 self.add("environment", key, "info", str(e[key]))
-        if self.cuda and not torch.cuda.is_available():
-            raise SystemExit("--device cuda but torch.cuda.is_available() is False: install the CUDA build of torch "
-                             "(requirements-gpu.txt) or run with --device cpu --quick")
 
     def accuracy(self) -> None:
         if self.a.model is not None:
@@ -220,59 +231,86 @@ class Suite:
             same = float(np.mean([np.mean(m == r) for m, r in zip(cpu, ref)]))
             self.add("correctness", "GPU vs CPU masks (fp32, min Dice)", _ok(min(dices) >= DICE_SAME),
                      f"{min(dices):.5f}", f">= {DICE_SAME}", identical_voxels=same)
+        self._plan_memory()
         self._oom_fallback()
         for world in (1, 2):
             self._ddp(world)
 
-    def _oom_fallback(self) -> None:
+    def _plan_memory(self) -> None:
+        """`medseg plan --device cuda --gpu-memory G`: does one training step at the plan's patch and batch fit G?"""
+        from medseg.networks.memory import measure_peak_memory
+
+        data = self.a.plan_data if (self.a.plan_data / "dataset.json").is_file() else self.a.data
+        gb = self.a.gpu_memory
+        out = self.work / "plan_cuda.json"
+        args = ["plan", str(data), "-o", str(out), "--device", "cuda", "--gpu-memory", str(gb), "--max-cases",
+                "2" if self.quick else "6"]
+        res = subprocess.run(medseg_cmd("-q", *args), capture_output=True, text=True, env=medseg_env())
+        name = f"plan for a {gb:g} GB GPU ({data.name}): training step peak"
+        if res.returncode != 0:
+            self.add("correctness", name, f"error: exit {res.returncode}: {_tail(res.stderr)}")
+            return
+        n = adapter_plan_network(out)
+        planned = f"patch {'x'.join(map(str, n['patch_size']))}, batch {n['batch_size']}, estimate {n['estimated_gb']} GB"
         if not self.cuda:
-            self.add("correctness", "out-of-memory fallback under a memory cap", NO_CUDA)
+            self.add("correctness", name, NO_CUDA, planned, f"<= {gb:g} GB", command="medseg " + " ".join(args))
+            return
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.cuda.empty_cache()
+        peak = measure_peak_memory(n["name"], n["kwargs"], n["spatial_dims"], n["in_channels"], n["out_channels"],
+                                   n["patch_size"], n["batch_size"], dtype=dtype, device="cuda") / 2**30
+        self.add("correctness", name, _ok(peak <= gb), f"{peak:.2f} GB measured ({planned})", f"<= {gb:g} GB",
+                 command="medseg " + " ".join(args), measured_gb=peak, dtype=str(dtype),
+                 estimate_over_measured=(n["estimated_gb"] / peak) if n["estimated_gb"] else None)
+
+    def _oom_fallback(self) -> None:
+        name = "out-of-memory fallback under a memory cap"
+        if not self.cuda:
+            self.add("correctness", name, NO_CUDA)
             return
         from medseg.inference import sliding_window_predict
         from medseg.io import read_volume
 
         net, patch, k = adapter_network(self.model, "cuda")
-        img = np.asarray(read_volume(self._cases(1)[0]).array, dtype=np.float32)
-        img = (img - img.mean()) / (img.std() + 1e-8)
-        shape = (256, 256, 192) if self.quick else (320, 320, 256)
-        reps = [int(np.ceil(s / t)) for s, t in zip(shape, img.shape[1:])]
-        vol = torch.from_numpy(np.ascontiguousarray(np.tile(img, [1, *reps])[(slice(None), *map(slice, shape))]))
+        case = np.asarray(read_volume(self._cases(1)[0]).array, dtype=np.float32)
+        case = (case - case.mean()) / (case.std() + 1e-8)
         kw = {"patch_size": patch, "overlap": 0.25, "batch_size": 4, "device": "cuda", "activation": "softmax"}
+
+        def predict(vol, **extra):  # the mask, argmax taken on the host (no device memory beyond the engine's)
+            t0 = time.perf_counter()
+            prob = sliding_window_predict(net, vol, **kw, **extra)
+            return prob.cpu().argmax(0).to(torch.uint8).numpy(), time.perf_counter() - t0
+
+        # what the windows alone need on the device: host accumulation of a small volume
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        host = sliding_window_predict(net, vol, accumulate_on_host=True, **kw).argmax(0).numpy()
-        host_s = time.perf_counter() - t0
-        windows_peak = torch.cuda.max_memory_allocated() - base  # what the windows alone need on the device
-        ref = sliding_window_predict(net, vol, **kw).argmax(0).cpu().numpy()  # uncapped, device accumulation
-        acc = k * vol[0].numel() * 4 + vol.numel() * 4  # device accumulator + the input moved to the device
-        cap = base + int(windows_peak * 1.5) + 64 * 2**20
-        total = torch.cuda.get_device_properties(0).total_memory
-        if acc < 2 * (cap - base):
-            self.add("correctness", "out-of-memory fallback under a memory cap",
-                     "error: the volume's accumulator would fit the cap; enlarge the volume", acc_mb=acc / 2**20,
-                     cap_mb=cap / 2**20)
-            return
+        predict(tiled_volume(case, [2 * p for p in patch]), accumulate_on_host=True)
+        windows_peak = torch.cuda.max_memory_allocated() - base
+        cap_extra = int(windows_peak * 1.5) + 64 * 2**20
+        shape = oom_volume_shape(cap_extra, k, case.shape[0])
+        vol = tiled_volume(case, shape)
+        acc = (k + case.shape[0]) * vol[0].numel() * 4  # device accumulator + the input moved to the device
+        host, host_s = predict(vol, accumulate_on_host=True)
+        ref, ref_s = predict(vol)  # uncapped, accumulation on the device
         messages = _capture_log("medseg")
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(cap / total)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + cap_extra) / total)
         try:
-            t0 = time.perf_counter()
-            capped = sliding_window_predict(net, vol, **kw).argmax(0).cpu().numpy()
-            capped_s = time.perf_counter() - t0
+            capped, capped_s = predict(vol)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
             logging.getLogger("medseg").removeHandler(messages)
         fell_back = any("out of memory" in m for m in messages.records)
         d = mask_dice(capped, ref)
-        self.add("correctness", f"out-of-memory fallback, {'x'.join(map(str, shape))} volume under a cap",
-                 _ok(fell_back and d >= DICE_SAME),
-                 f"fallback {'taken' if fell_back else 'NOT taken'}, Dice {d:.5f}", f"fallback taken, >= {DICE_SAME}",
-                 cap_mb=round(cap / 2**20), accumulator_and_input_mb=round(acc / 2**20),
-                 windows_peak_mb=round(windows_peak / 2**20), capped_s=round(capped_s, 2),
+        self.add("correctness", f"{name} ({'x'.join(map(str, shape))} volume, cap +{cap_extra / 2**20:.0f} MB)",
+                 _ok(fell_back and d >= DICE_SAME), f"fallback {'taken' if fell_back else 'NOT taken'}, Dice {d:.5f}",
+                 f"fallback taken, >= {DICE_SAME}", cap_extra_mb=round(cap_extra / 2**20),
+                 accumulator_and_input_mb=round(acc / 2**20), windows_peak_mb=round(windows_peak / 2**20),
+                 capped_s=round(capped_s, 2), device_accumulation_s=round(ref_s, 2),
                  host_accumulation_s=round(host_s, 2), identical_voxels=float(np.mean(capped == ref)),
-                 host_vs_device_dice=mask_dice(host, ref))
+                 host_vs_device_dice=mask_dice(host, ref), log=messages.records[:3])
 
     def _ddp(self, world: int) -> None:
         backend = "NCCL" if self.cuda else "gloo"
@@ -304,7 +342,7 @@ class Suite:
     def training(self) -> None:
         import bench_training as bt
 
-        patch, batch, steps = ((24, 24, 24), 2, 1) if self.quick else ((40, 56, 40), 4, 20)
+        patch, batch, steps = ((24, 24, 24), 2, 1) if self.quick else ((40, 56, 40), 4, 50 if self.cuda else 10)
         batches = bt._batches(steps + 1, batch, patch, 3, device=self.device)
         precisions = ["bf16"] if not self.cuda else ["fp16", "bf16"]
         if not self.cuda and not self.quick:
@@ -349,9 +387,8 @@ class Suite:
 
         if self.cuda:
             shape, patch, net, batch = (512, 512, 256), (128, 128, 128), "fullres", 2
+            # (medseg_compile, bench_inference.py's compiled engine, is left out: a minute of compilation here)
             engines = ["medseg", "medseg_fp16", "medseg_bf16", "monai", "monai_bf16", "nnunet"]
-            if not self.a.no_compile:
-                engines.insert(3, "medseg_compile")
         elif self.quick:
             shape, patch, net, batch, engines = (48, 48, 32), (32, 32, 32), "tiny", 2, ["medseg", "monai"]
         else:
@@ -459,6 +496,21 @@ class Suite:
 
 
 # ----------------------------------------------------------------------------------------------------- small helpers
+def oom_volume_shape(cap_extra: int, classes: int, channels: int, minimum: int = 256) -> tuple[int, int, int]:
+    """A cube whose float32 accumulator (``classes``) and input (``channels``) take at least twice ``cap_extra``
+    bytes, so that device accumulation cannot fit the cap while the windows alone (host accumulation) do."""
+    voxels = 2 * cap_extra / (4 * (classes + channels))
+    side = max(minimum, int(np.ceil(voxels ** (1 / 3) / 16)) * 16)
+    return (side, side, side)
+
+
+def tiled_volume(case: np.ndarray, shape) -> torch.Tensor:
+    """``(C, *shape)``: a real case repeated (tiled) to fill ``shape``, so that the masks have structure."""
+    reps = [int(np.ceil(s / t)) for s, t in zip(shape, case.shape[1:])]
+    tiled = np.tile(case, [1, *reps])[(slice(None), *(slice(0, s) for s in shape))]
+    return torch.from_numpy(np.ascontiguousarray(tiled))
+
+
 def _ok(cond: bool) -> str:
     return "pass" if cond else "fail"
 
@@ -502,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu_suite_report"), help="where gpu_suite.{json,md} go")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "hippocampus", help="the MSD hippocampus folder")
+    ap.add_argument("--plan-data", type=Path, default=SHARED_DATA / "brats2013_6cases",
+                    help="data set planned for --gpu-memory (default: BraTS 6 cases when present, else --data)")
+    ap.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory budget the planning check uses")
     ap.add_argument("--model", type=Path, default=None, help="a trained hippocampus run folder (skips crossval)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="crossval training minutes (default 5; --quick: 0.05)")

@@ -26,6 +26,20 @@ def test_mask_dice_counts_every_foreground_label():
     assert mask_dice(a, np.zeros_like(a)) == 0.0
 
 
+def test_oom_volume_is_large_enough_and_tiles_a_real_case():
+    import torch
+    from gpu_suite import oom_volume_shape, tiled_volume
+
+    cap = 300 * 2**20
+    shape = oom_volume_shape(cap, classes=3, channels=1)
+    assert 4 * 4 * np.prod(shape) >= 2 * cap and shape[0] % 16 == 0  # accumulator + input >= twice the cap
+    assert oom_volume_shape(1, 3, 1) == (256, 256, 256)
+    case = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    vol = tiled_volume(case, (7, 4, 11))
+    assert isinstance(vol, torch.Tensor) and tuple(vol.shape) == (2, 7, 4, 11)
+    assert np.array_equal(vol[:, 3:6, :, 5:10].numpy(), case) and np.array_equal(vol[:, :3, :, :5].numpy(), case)
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     from conftest import shared_path
