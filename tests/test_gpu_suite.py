@@ -70,9 +70,12 @@ def test_quick_cpu_run_covers_every_section(quick_report):
     # correctness: bf16 masks compared for real; the CUDA-only checks say so
     bf16 = by["correctness", "bf16 vs fp32 masks"]  # a real comparison; the 0.998 bar needs a trained model
     assert bf16["status"] == "info" and 0.0 <= float(bf16["value"]) <= 1.0 and bf16["detail"]["per_case"]
-    assert by["correctness", "fp16 vs fp32 masks"]["status"].startswith("skipped: fp16 on cpu")
+    fp16 = by["correctness", "fp16 vs fp32 masks"]["status"]  # medseg refuses fp16 on a CPU today, and says why
+    assert fp16 == "info" or fp16.startswith("skipped: fp16 on cpu: "), fp16
     assert by["correctness", "GPU vs CPU masks"]["status"] == "skipped: no CUDA"
     assert by["correctness", "out-of-memory fallback under a memory cap"]["status"] == "skipped: no CUDA"
+    plan = next(r for r in rows if r["check"].startswith("plan for a 8 GB GPU"))  # the plan ran; no GPU to measure
+    assert plan["status"] == "skipped: no CUDA" and "batch" in plan["value"]
     assert by["correctness", "DDP, gloo, world size 1"]["status"] == "pass"
     # training, inference, end to end: numbers from both sides
     assert "it/s" in by["training", "medseg Trainer, bf16"]["value"]
