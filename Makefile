@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 PYTEST_ARGS ?= -q -m "not slow"
 
-.PHONY: install test test-all demo lint image-local clean
+.PHONY: install test test-all demo lint image-local clean gpu-suite gpu-suite-quick nnunet-venv
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ lint: install
 # Build the CPU image with podman (no Docker engine needed) and run the smoke test inside it (slow, minutes).
 image-local:
 	nice -n 19 bash docker/build-local.sh
+
+# The GPU validation and benchmark suite (docs/gpu.md): `make gpu-suite` on a GPU server, a report in gpu_suite_report/.
+gpu-suite: install
+	$(PY) -m pip install -q -r requirements-gpu.txt
+	$(PY) benchmarks/gpu_suite.py --device cuda $(GPU_SUITE_ARGS)
+
+gpu-suite-quick: install
+	$(PY) benchmarks/gpu_suite.py --device cpu --quick $(GPU_SUITE_ARGS)
+
+# nnU-Net v2 in its own venv, for the suite's and benchmarks' nnU-Net rows
+nnunet-venv:
+	test -x .venv-nnunet/bin/python || $(PYTHON) -m venv .venv-nnunet
+	.venv-nnunet/bin/python -m pip install -q -r requirements-nnunet.txt
 
 demo: install
 	bash scripts/demo.sh $(MEDSEG) $(DEMO_DIR)

@@ -59,6 +59,38 @@ class TinyUNet3D(nn.Module):
         return self.head(self.dec(torch.cat([a, self.up(b)], 1)))
 
 
+class PlainUNet3D(nn.Module):
+    """nnU-Net's 3d_fullres network shape in plain torch: stages of two conv-IN-LeakyReLU, stride-2 convolutions
+    down, transposed convolutions up (default 32-64-128-256-320-320, 6 stages, 31M parameters)."""
+
+    def __init__(self, cin: int = 1, k: int = 3, features=(32, 64, 128, 256, 320, 320)):
+        super().__init__()
+
+        def block(a, b, stride):
+            return nn.Sequential(nn.Conv3d(a, b, 3, stride=stride, padding=1), nn.InstanceNorm3d(b, affine=True),
+                                 nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(b, b, 3, padding=1),
+                                 nn.InstanceNorm3d(b, affine=True), nn.LeakyReLU(0.01, inplace=True))
+
+        f = list(features)
+        self.enc = nn.ModuleList([block(cin if i == 0 else f[i - 1], f[i], 1 if i == 0 else 2) for i in range(len(f))])
+        self.up = nn.ModuleList([nn.ConvTranspose3d(f[i + 1], f[i], 2, stride=2) for i in range(len(f) - 1)])
+        self.dec = nn.ModuleList([block(2 * f[i], f[i], 1) for i in range(len(f) - 1)])
+        self.head = nn.Conv3d(f[0], k, 1)
+
+    def forward(self, x):
+        skips = []
+        for stage in self.enc:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for i in reversed(range(len(self.dec))):
+            x = self.dec[i](torch.cat([skips.pop(), self.up[i](x)], 1))
+        return self.head(x)
+
+
+NETWORKS = {"tiny": TinyUNet3D, "fullres": PlainUNet3D}
+
+
 class TimedForward(nn.Module):
     """Wraps a network and sums the wall time of its forward passes."""
 
@@ -76,9 +108,9 @@ class TimedForward(nn.Module):
         return y
 
 
-def make_inputs(shape, classes, seed=0):
+def make_inputs(shape, classes, seed=0, net="tiny"):
     torch.manual_seed(seed)
-    net = TinyUNet3D(1, classes).eval()
+    net = NETWORKS[net](1, classes).eval()
     rng = np.random.default_rng(seed)
     image = rng.normal(size=(1, *shape)).astype(np.float32)
     return net, torch.from_numpy(image)
@@ -125,7 +157,7 @@ def run_monai(net, image, a, dtype=torch.float32):
 
     return sliding_window_inference(image[None].to(dtype), roi_size=a.patch, sw_batch_size=a.batch, predictor=net,
                                     overlap=a.overlap, mode="gaussian", sigma_scale=0.125, padding_mode="reflect",
-                                    sw_device=a.device, device="cpu")[0]
+                                    sw_device=a.device, device=a.device)[0]
 
 
 def run_nnunet(net, image, a, dtype=torch.float32):
@@ -148,19 +180,24 @@ def run_medseg_bf16(net, image, a, dtype=torch.float32):
     return run_medseg(net, image, a, amp=torch.bfloat16)
 
 
+def run_medseg_fp16(net, image, a, dtype=torch.float32):
+    return run_medseg(net, image, a, amp=torch.float16)
+
+
 def run_monai_bf16(net, image, a, dtype=torch.float32):
     with torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16):
         return run_monai(net, image, a).float()
 
 
 # medseg_compile: run_medseg on the network compiled by medseg.inference.compiled (compilation before timing)
-ENGINES = {"medseg": run_medseg, "medseg_bf16": run_medseg_bf16, "medseg_compile": run_medseg, "monai": run_monai,
+ENGINES = {"medseg": run_medseg, "medseg_bf16": run_medseg_bf16, "medseg_fp16": run_medseg_fp16,
+           "medseg_compile": run_medseg, "monai": run_monai,
            "monai_bf16": run_monai_bf16, "nnunet": run_nnunet}
 
 
 def worker(a) -> dict:
     torch.set_num_threads(a.threads)
-    net, image = make_inputs(a.shape, a.classes, a.seed)
+    net, image = make_inputs(a.shape, a.classes, a.seed, a.net)
     net = net.to(a.device)
     compile_s = None
     if a.worker == "medseg_compile":
@@ -201,7 +238,8 @@ def worker(a) -> dict:
             ref = None
         if ref is not None:
             diff = float((out.double() - ref.double()).abs().max())
-    np.save(a.out_file, out.numpy())
+    if a.out_file:
+        np.save(a.out_file, out.numpy())
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if a.device != "cpu" else None
     return {"engine": a.worker, "seconds": best, "forward_seconds": fwd, "peak_rss_mb": peak,
             "gpu_peak_mb": gpu_peak, "max_abs_diff_fp64": diff, "compile_s": compile_s}
@@ -214,6 +252,8 @@ def main() -> None:
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=2, help="windows per forward pass")
     p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--net", choices=sorted(NETWORKS), default="tiny",
+                   help="tiny: two-level 16-32 U-Net; fullres: nnU-Net 3d_fullres-sized 32-320, 6 stages")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared CPU)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per worker process")
@@ -230,6 +270,18 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a)))
         return
+    rows, outs = run_engines(a)
+    print_table(a, rows, outs)
+
+
+def run_engines(a: argparse.Namespace, log=print) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Run ``a.engines`` (the options of ``main``) in interleaved rounds, each in its own process.
+
+    Returns:
+        One row per engine that ran (its best round: seconds, forward seconds, peak RSS and GPU MB, ...) and the
+        output of each engine's first round.
+    """
+    import shutil
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_inference_"))
@@ -241,14 +293,15 @@ def main() -> None:
         if Path(py).exists():
             engines.append((eng, py))
         else:
-            print(f"[skip] {eng}: {py} not found")
+            log(f"[skip] {eng}: {py} not found")
     # rounds interleave the engines, so that a busy shared CPU slows all of them alike; best round per engine
     for rnd in range(a.rounds):
         for eng, py in engines:
-            cmd = [py, str(HERE), "--worker", eng, "--out-file", str(tmp / f"{eng}.npy")]
+            keep = getattr(a, "keep_outputs", True)  # the suite's 512x512x256 outputs are 0.8 GB each
+            cmd = [py, str(HERE), "--worker", eng, "--out-file", str(tmp / f"{eng}.npy") if keep else ""]
             for k in ("shape", "patch"):
                 cmd += [f"--{k}", *map(str, getattr(a, k))]
-            cmd += ["--overlap", str(a.overlap), "--batch", str(a.batch), "--classes", str(a.classes),
+            cmd += ["--net", a.net, "--overlap", str(a.overlap), "--batch", str(a.batch), "--classes", str(a.classes),
                     "--device", a.device, "--threads", str(a.threads), "--repeats", str(a.repeats),
                     "--seed", str(a.seed)]
             if not a.check or rnd > 0:
@@ -258,7 +311,7 @@ def main() -> None:
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 err = res.stderr.strip().splitlines()
-                print(f"[fail] {eng}: {err[-1] if err else res.returncode}")
+                log(f"[fail] {eng}: {err[-1] if err else res.returncode}")
                 continue
             row = json.loads(res.stdout.strip().splitlines()[-1])
             old = best.get(eng)
@@ -267,9 +320,13 @@ def main() -> None:
                     row["max_abs_diff_fp64"] = old["max_abs_diff_fp64"]
                 best[eng] = row
             best[eng]["peak_rss_mb"] = max(row["peak_rss_mb"], old["peak_rss_mb"] if old else 0)
-            if rnd == 0:
+            if rnd == 0 and keep:
                 outs[eng] = np.load(tmp / f"{eng}.npy")
-    rows = [best[e] for e, _ in engines if e in best]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return [best[e] for e, _ in engines if e in best], outs
+
+
+def print_table(a: argparse.Namespace, rows: list[dict], outs: dict[str, np.ndarray]) -> None:
     voxels = float(np.prod(a.shape))
     print(f"\nshape {a.shape}, patch {a.patch}, overlap {a.overlap}, {a.batch} windows/batch, {a.classes} classes, "
           f"device {a.device}, {a.threads} torch thread(s), best of {a.rounds} interleaved rounds x {a.repeats}")

@@ -106,16 +106,30 @@ def main() -> None:
     ap.add_argument("--nnunet-root", type=Path, default=Path("/tmp/nnunet_bench"))
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (best wall time per row is kept)")
-    ap.add_argument("--rows", nargs="+", default=None, help="subset of the row names")
+    ap.add_argument("--rows", nargs="+", default=None, help="subset of the row keys (m0 n0 m3 m3f mn mnf nn)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for both tools")
     a = ap.parse_args()
+    results = run_rows(a)
+    print(f"\n{results[0]['cases'] if results else 0} hippocampus cases (fold-0 validation of {a.medseg_run.name}), "
+          f"network features 16-128, patch from the plan, {a.device}, {os.cpu_count()} cores, best of {a.rounds} rounds")
+    print(f"{'command':<34}{'precision, mirrors':>20}{'wall s':>8}{'s/case':>8}{'vs nnU-Net':>11}{'peak RSS MB':>12}"
+          f"{'masks':>7}{'geometry':>9}{'Dice':>7}")
+    for r in results:
+        ratio = f"{r['vs_nnunet']:.2f}x" if r["vs_nnunet"] else "-"
+        print(f"{r['command']:<34}{r['precision_mirrors']:>20}{r['wall_s']:>8.1f}{r['s_per_case']:>8.2f}{ratio:>11}"
+              f"{r['peak_rss_mb']:>12.0f}{r['masks']:>7}{'same' if r['geometry_same'] else 'DIFF':>9}{r['dice']:>7.3f}")
+    print("(vs nnU-Net: nnUNetv2_predict's wall time over this row's, at its defaults or with the same mirrors)")
 
+
+def run_rows(a: argparse.Namespace, log=print) -> list[dict]:
+    """Run the rows of ``main`` (options ``a``) in interleaved rounds; one result dict per row that ran."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     cases = _inputs(a.medseg_run, a.data, a.cases, tmp / "in")
     from medseg.planning import load_model_record
 
     trained_axes = load_model_record(a.medseg_run).config.mirror_axes
     run3 = _run_copy(a.medseg_run, [0, 1, 2], tmp / "run_mirror3")
-    medseg = [sys.executable, "-m", "medseg.cli.main", "-q", "predict", "-i", str(tmp / "in"), "--device", "cpu",
+    medseg = [sys.executable, "-m", "medseg.cli.main", "-q", "predict", "-i", str(tmp / "in"), "--device", a.device,
               "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
     nn_bin = Path(a.nnunet_python).parent / "nnUNetv2_predict"
@@ -123,7 +137,7 @@ def main() -> None:
               "nnUNet_preprocessed": str(a.nnunet_root / "preprocessed"),
               "nnUNet_results": str(a.nnunet_root / "results")}
     nnunet = [str(nn_bin), "-i", str(tmp / "in"), "-d", "4", "-c", "3d_fullres", "-p", "nnUNetPlans_medseg", "-f",
-              "0", "-chk", "checkpoint_final.pth", "-device", "cpu"]
+              "0", "-chk", "checkpoint_final.pth", "-device", a.device]
     # (name, precision and mirrors, command, environment, key, key of the nnU-Net row it is compared with)
     rows = [
         ("medseg, defaults", f"auto, {len(trained_axes)} axes", medseg + ["-m", str(a.medseg_run)], env, "m0", "n0"),
@@ -137,7 +151,7 @@ def main() -> None:
         ("nnUNetv2_predict --disable_tta", "fp32, none", nnunet + ["--disable_tta"], nn_env, "nn", "nn"),
     ]
     if not nn_bin.exists():
-        print(f"[skip] nnU-Net rows: {nn_bin} not found")
+        log(f"[skip] nnU-Net rows: {nn_bin} not found")
         rows = [r for r in rows if not r[0].startswith("nnUNet")]
     if a.rows:
         rows = [r for r in rows if r[4] in a.rows]
@@ -149,25 +163,21 @@ def main() -> None:
             try:
                 dt, rss, _ = _timed([*cmd, "-o", str(out)], e)
             except RuntimeError as err:
-                print(f"[fail] {name}: {err}")
+                log(f"[fail] {name}: {err}")
                 continue
             if key not in best or dt < best[key][0]:
                 best[key] = (dt, max(rss, best.get(key, (0, 0))[1]))
-    print(f"\n{len(cases)} hippocampus cases (fold-0 validation of {a.medseg_run.name}), network features 16-128, "
-          f"patch from the plan, CPU, {os.cpu_count()} cores, best of {a.rounds} rounds")
-    print(f"{'command':<34}{'precision, mirrors':>20}{'wall s':>8}{'s/case':>8}{'vs nnU-Net':>11}{'peak RSS MB':>12}"
-          f"{'masks':>7}{'geometry':>9}{'Dice':>7}")
+    results = []
     for name, prec, _, _, key, ref in rows:
         if key not in best:
             continue
         dt, rss = best[key]
         written, same, dice = _check(tmp / f"out_{key}", cases, a.data)
-        ratio = f"{best[ref][0] / dt:.2f}x" if ref in best else "-"
-        print(f"{name:<34}{prec:>20}{dt:>8.1f}{dt / len(cases):>8.2f}{ratio:>11}{rss:>12.0f}{written:>7}"
-              f"{'same' if same else 'DIFF':>9}{dice:>7.3f}")
-    print("(vs nnU-Net: nnUNetv2_predict's wall time over this row's, at its defaults or with the same mirrors)")
+        results.append({"command": name, "precision_mirrors": prec, "wall_s": dt, "s_per_case": dt / len(cases),
+                        "vs_nnunet": best[ref][0] / dt if ref in best else None, "peak_rss_mb": rss,
+                        "masks": written, "cases": len(cases), "geometry_same": same, "dice": dice, "key": key})
     shutil.rmtree(tmp, ignore_errors=True)
-
+    return results
 
 if __name__ == "__main__":
     main()

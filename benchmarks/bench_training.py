@@ -25,42 +25,74 @@ import time
 from pathlib import Path
 
 import torch
+from _common import sync
 
 
-def _batches(n, batch, patch, k, seed=0):
+def _batches(n, batch, patch, k, seed=0, device="cpu"):
+    """``n`` random batches (two distinct ones, alternating), already on ``device`` so that only the step is timed."""
     g = torch.Generator().manual_seed(seed)
-    data = [(torch.randn(batch, 1, *patch, generator=g), torch.randint(0, k, (batch, 1, *patch), generator=g))
-            for _ in range(2)]
+    data = [(torch.randn(batch, 1, *patch, generator=g).to(device),
+             torch.randint(0, k, (batch, 1, *patch), generator=g).to(device)) for _ in range(2)]
     return [{"image": data[i % 2][0], "label": data[i % 2][1]} for i in range(n)]
 
 
-def monai_loop(batches, amp: bool) -> float:
+def nnunet_step(nnunet_python: str, root: Path, steps: int, batch: int, device: str = "cpu") -> dict:
+    """nnU-Net's own ``nnUNetTrainer.train_step`` in its interpreter (after ``nnunet_hippocampus.py setup``).
+
+    Returns:
+        The JSON row of ``nnunet_hippocampus.py train-bench`` (``s_per_step``, ``batch``, ``patch``, ...).
+
+    Raises:
+        RuntimeError: the nnU-Net process failed (its last stderr line).
+    """
+    res = subprocess.run([nnunet_python, str(Path(__file__).with_name("nnunet_hippocampus.py")), "train-bench",
+                          "--root", str(root), "--steps", str(steps), "--batch", str(batch), "--device", device],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError((res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def monai_loop(batches, amp: bool, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+               compile: bool = False) -> float:
+    """Seconds per step of a plain MONAI loop (autocast ``dtype`` when ``amp``; a GradScaler for fp16)."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import DynUNet
 
     torch.manual_seed(0)
     net = DynUNet(3, 1, 3, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
-                  filters=[16, 32, 64, 128], norm_name="instance", res_block=False)
+                  filters=[16, 32, 64, 128], norm_name="instance", res_block=False).to(device)
+    model = torch.compile(net) if compile else net
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    scaler = torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
+    dev_type = torch.device(device).type
     net.train()
 
     def step(b):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = net(b["image"])
+        with torch.autocast(dev_type, dtype=dtype, enabled=amp):
+            out = model(b["image"])
         loss = loss_fn(out.float(), b["label"])
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
 
-    step(batches[0])  # warm-up
+    step(batches[0])  # warm-up (and compilation)
+    sync(device)
     t0 = time.perf_counter()
     for b in batches[1:]:
         step(b)
+    sync(device)
     return (time.perf_counter() - t0) / (len(batches) - 1)
 
 
-def medseg_step(batches, patch) -> tuple[float, str]:
+def medseg_step(batches, patch, device: str = "cpu", amp: str = "auto", compile: bool = False) -> tuple[float, str]:
+    """Seconds per step of medseg's Trainer epoch and the autocast dtype that ``amp`` resolved to."""
     import tempfile
 
     from medseg.losses import build_loss
@@ -71,14 +103,16 @@ def medseg_step(batches, patch) -> tuple[float, str]:
     torch.manual_seed(0)
     net = create_model("unet", spatial_dims=3, in_channels=1, out_channels=3, features=[16, 32, 64, 128],
                        strides=[1, 2, 2, 2], kernel_sizes=3, deep_supervision=True, norm="instance")
-    cfg = TrainConfig(device="cpu").validate()
+    cfg = TrainConfig(device=torch.device(device).type, amp=amp, compile=compile).validate()
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(net, model_spec(net), build_loss("dice_ce", num_classes=3, deep_supervision=True), cfg, tmp,
                      train_batches=lambda epoch: batches[:1] if epoch == 0 else batches[1:], val_cases=[],
                      patch_size=patch, num_classes=3)
-        tr._train_epoch(0)  # warm-up
+        tr._train_epoch(0)  # warm-up (and compilation)
+        sync(device)
         t0 = time.perf_counter()
         tr._train_epoch(1)
+        sync(device)
         return (time.perf_counter() - t0) / (len(batches) - 1), str(tr.amp_dtype).replace("torch.", "")
 
 
@@ -101,16 +135,13 @@ def main() -> None:
     rows.append(("medseg_unet", t, dtype or "fp32"))
     plans = a.nnunet_root / "preprocessed" / "Dataset004_Hippocampus" / "nnUNetPlans_medseg.json"
     if Path(a.nnunet_python).exists() and plans.is_file():
-        res = subprocess.run([a.nnunet_python, str(Path(__file__).with_name("nnunet_hippocampus.py")), "train-bench",
-                              "--root", str(a.nnunet_root), "--steps", str(a.steps),
-                              "--batch", str(a.batch)], capture_output=True, text=True)
-        if res.returncode == 0:
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+        try:
+            r = nnunet_step(a.nnunet_python, a.nnunet_root, a.steps, a.batch)
             if r["batch"] != a.batch or list(r["patch"]) != list(patch):
                 print(f"[note] nnU-Net row at batch {r['batch']}, patch {r['patch']} (its plans variant)")
             rows.append(("nnunet_trainer", r["s_per_step"], "fp32"))
-        else:
-            print(f"[fail] nnunet_trainer: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+        except RuntimeError as err:
+            print(f"[fail] nnunet_trainer: {err}")
     else:
         print(f"[skip] nnunet_trainer: needs {a.nnunet_python} and {plans} (benchmarks/nnunet_hippocampus.py setup)")
     ref = rows[0][1]

@@ -12,7 +12,8 @@ network is the one medseg's hippocampus plan trains (features 16-32-64-128, same
 are timed on the same network, patch and batch.
 
 ``train-bench`` builds nnU-Net's own ``nnUNetTrainer`` on that plan (its data loader, augmentation, deep
-supervision, Dice+CE, SGD, gradient clipping; float32 on a CPU, as nnU-Net disables autocast there), times
+supervision, Dice+CE, SGD, gradient clipping; float32 on a CPU, as nnU-Net disables autocast there, fp16
+autocast with a GradScaler on ``--device cuda``), times
 ``--steps`` training iterations after a warm-up, prints one JSON line, and saves the weights as
 ``checkpoint_final.pth`` in the usual results folder, so that ``nnUNetv2_predict -p nnUNetPlans_medseg -f 0
 -chk checkpoint_final.pth`` can run (benchmarks/bench_predict.py uses it; the weights are those few steps, so
@@ -73,7 +74,7 @@ def setup(data: Path, root: Path, features: list[int], batch: int) -> None:
     print(f"{PLANS}: features {arch['features_per_stage']}, batch {batch} -> {pre / (PLANS + '.json')}")
 
 
-def train_bench(root: Path, steps: int, fold: int, batch: int | None = None) -> None:
+def train_bench(root: Path, steps: int, fold: int, batch: int | None = None, device: str = "cpu") -> None:
     env = _env(root)
     os.environ.update(env)
     import torch
@@ -85,7 +86,7 @@ def train_bench(root: Path, steps: int, fold: int, batch: int | None = None) -> 
         plans["configurations"]["3d_fullres"]["batch_size"] = int(batch)
     plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     dataset_json = json.loads((pre / "dataset.json").read_text())
-    tr = nnUNetTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
+    tr = nnUNetTrainer(plans, "3d_fullres", fold, dataset_json, device=torch.device(device))
     tr.num_epochs = 1
     tr.on_train_start()
     tr.on_train_epoch_start()
@@ -97,6 +98,8 @@ def train_bench(root: Path, steps: int, fold: int, batch: int | None = None) -> 
         batch = next(tr.dataloader_train)
         data_s += time.perf_counter() - t
         tr.train_step(batch)
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tr.current_epoch = 1
     tr.on_train_end()  # writes checkpoint_final.pth and stops the loader processes
@@ -104,7 +107,9 @@ def train_bench(root: Path, steps: int, fold: int, batch: int | None = None) -> 
     print(json.dumps({"loop": "nnunet_trainer", "s_per_step": dt, "data_wait_s_per_step": data_s / steps,
                       "batch": conf["batch_size"], "patch": conf["patch_size"],
                       "features": conf["architecture"]["arch_kwargs"]["features_per_stage"],
-                      "threads": torch.get_num_threads(), "results": str(tr.output_folder)}))
+                      "threads": torch.get_num_threads(), "results": str(tr.output_folder), "device": device,
+                      # nnU-Net's train_step autocasts (fp16, GradScaler) on CUDA only
+                      "amp": "fp16" if tr.device.type == "cuda" else "fp32"}))
 
 
 def main() -> None:
@@ -120,11 +125,12 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--fold", type=int, default=0)
     t.add_argument("--batch", type=int, default=None, help="batch size (default: the plans variant's)")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (nnU-Net autocasts to fp16 on CUDA)")
     a = ap.parse_args()
     if a.cmd == "setup":
         setup(a.data, a.root, a.features, a.batch)
     else:
-        train_bench(a.root, a.steps, a.fold, a.batch)
+        train_bench(a.root, a.steps, a.fold, a.batch, a.device)
 
 
 if __name__ == "__main__":
