@@ -12,12 +12,14 @@ mirroring, restoring the input grid, post-processing and an atomic NIfTI write.
 
     python benchmarks/soak_predict.py --cases 2000 --warmup 100          # the issue's check (< 50 MB)
 
-RSS is read from /proc/self/statm, so the script runs on Linux only.
+RSS is read from /proc/self/statm, so the script runs on Linux only. Run it as its own process: in a process that
+has already freed much memory (a test session), new allocations reuse resident pages and a leak hides from RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -137,14 +139,31 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100, help="growth is measured from this case on")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="folds to ensemble (default: both)")
+    p.add_argument("--no-tta", action="store_true", help="no test-time mirroring")
+    p.add_argument("--leak-mb", type=float, default=0.0,
+                   help="keep this many MB per case (a planted leak, to check that the measurement sees one)")
+    p.add_argument("--leak-after", type=int, default=0, help="plant the leak only after this many cases")
+    p.add_argument("--json", type=Path, default=None, help="also write the RSS series here")
     a = p.parse_args()
+    seen: list[np.ndarray | None] = []
+
+    def leak(_) -> None:
+        keep = len(seen) >= a.leak_after
+        seen.append(np.full(int(a.leak_mb * 2**17), 1.0) if keep else None)   # float64, written: resident
+
+    options: dict[str, Any] = {"folds": a.folds, "tta": not a.no_tta}
+    if a.leak_mb:
+        options["on_case"] = leak
     work = Path(tempfile.mkdtemp(prefix="medseg_soak_")) if a.work is None else a.work
     try:
         t0 = time.perf_counter()
         make_cases(work / "in", a.cases)
         run = make_run(work / "run")
         made = time.perf_counter() - t0
-        res = soak(run, work / "in", work / "out", threads=a.threads)
+        res = soak(run, work / "in", work / "out", threads=a.threads, **options)
+        if a.json is not None:
+            a.json.write_text(json.dumps(dataclasses.asdict(res)))
         marks = sorted({1, 10, a.warmup, *range(0, a.cases + 1, max(1, a.cases // 10))} - {0})
         print(f"{a.cases} cases (made in {made:.0f} s), {a.threads} torch thread(s), statuses {res.statuses}, "
               f"median {np.median(res.seconds) * 1000:.0f} ms per case")
