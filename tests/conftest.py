@@ -34,3 +34,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def benchmark_module(name: str):
+    """Import ``benchmarks/NAME.py`` (not a package) so that tests can check what the benchmarks measure."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module          # dataclasses look their module up while the class is made
+        spec.loader.exec_module(module)
+    return sys.modules[name]

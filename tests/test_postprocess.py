@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import benchmark_module
 
 from medseg.errors import ConfigError, InputError
 from medseg.inference.postprocess import (
@@ -15,6 +16,7 @@ from medseg.inference.postprocess import (
     keep_largest_component,
     load_postprocessing,
     postprocess,
+    remove_small_components,
     save_postprocessing,
 )
 
@@ -135,3 +137,82 @@ def test_per_class_single_pass_equals_class_by_class():
     slow = keep_largest_component(keep_largest_component(lab, [1]), [3])
     np.testing.assert_array_equal(fast, slow)
     assert (fast == 2).sum() == (lab == 2).sum()
+
+
+# --------------------------------------------------------------------------------------------- same masks as before
+# benchmarks/bench_postprocess.py keeps the implementation that the foreground-index rewrite replaced
+# (``previous_*``) and plain scikit-image loops; the current functions must give the very same label maps.
+BENCH = benchmark_module("bench_postprocess")
+
+
+def _random_label(seed: int, shape: tuple[int, ...], classes: int, dtype) -> np.ndarray:
+    """Smoothed noise cut into classes 0..classes, single-voxel specks (many equal-size components), a hole."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.2)
+    cuts = np.quantile(noise, np.linspace(0.45, 1.0, classes + 1)[:-1])
+    lab = np.digitize(noise, cuts).astype(dtype)
+    specks = rng.integers(0, lab.size, lab.size // 40)
+    lab.reshape(-1)[specks] = rng.integers(0, classes + 1, specks.size)
+    lab[(slice(2, 7),) * lab.ndim] = 1               # a class-1 block around a one-voxel hole
+    lab[(4,) * lab.ndim] = 0
+    return lab
+
+
+CASES = [(seed, shape, k, dtype) for seed, (shape, k, dtype) in enumerate([
+    ((22, 20, 18), 2, np.uint8), ((22, 20, 18), 4, np.int16), ((17, 25, 9), 3, np.uint16),
+    ((48, 40), 2, np.uint8), ((41, 37), 4, np.int16), ((30, 52), 3, np.int32)])]
+
+
+@pytest.mark.parametrize("seed, shape, k, dtype", CASES)
+def test_every_step_equals_the_previous_implementation(seed, shape, k, dtype):
+    lab = _random_label(seed, shape, k, dtype)
+    wanted = (1, k + 1)                              # class k + 1 is absent: an empty class
+    pairs = [
+        (keep_largest_component(lab, wanted, per_class=True),
+         BENCH.previous_keep_largest_component(lab, wanted, per_class=True)),
+        (keep_largest_component(lab, per_class=True), BENCH.previous_keep_largest_component(lab, per_class=True)),
+        (keep_largest_component(lab), BENCH.previous_keep_largest_component(lab)),
+        (keep_largest_component(lab, (2, k)), BENCH.previous_keep_largest_component(lab, (2, k))),
+        (fill_holes(lab, range(1, k + 1)), BENCH.previous_fill_holes(lab, range(1, k + 1))),
+        (fill_holes(lab, (1,)), BENCH.previous_fill_holes(lab, (1,))),
+    ] + [(remove_small_components(lab, n), BENCH.previous_remove_small_components(lab, n)) for n in (1, 2, 5, 30)]
+    for i, (new, old) in enumerate(pairs):
+        assert new.dtype == lab.dtype and new.shape == lab.shape, i
+        np.testing.assert_array_equal(new, old, err_msg=f"pair {i}")
+    changed = [not np.array_equal(new, lab) for new, _ in pairs]
+    assert all(changed[:4]) and changed[4] and changed[-1]     # the comparison is not between two identities
+    np.testing.assert_array_equal(pairs[1][0], BENCH.skimage_largest_per_class(lab, range(1, k + 1)))
+    np.testing.assert_array_equal(pairs[2][0], BENCH.skimage_largest_foreground(lab))
+    np.testing.assert_array_equal(pairs[-1][0], BENCH.skimage_remove_small(lab, 30))
+
+
+def test_ties_keep_the_component_met_first_in_c_order():
+    lab = np.zeros((9, 9, 9), np.uint8)
+    lab[5:7, 5:7, 5:7] = 1           # two 8-voxel class-1 cubes: the later one in C order ...
+    lab[0:2, 6:8, 0:2] = 1           # ... and the earlier one (smaller first index)
+    lab[0, 0, 8] = 2
+    lab[8, 8, 8] = 2                 # two single class-2 voxels
+    out = keep_largest_component(lab, (1, 2), per_class=True)
+    assert (out[0:2, 6:8, 0:2] == 1).all() and not out[5:7, 5:7, 5:7].any()
+    assert out[0, 0, 8] == 2 and out[8, 8, 8] == 0
+    np.testing.assert_array_equal(out, BENCH.previous_keep_largest_component(lab, (1, 2), per_class=True))
+    fg = keep_largest_component(lab)
+    assert (fg[0:2, 6:8, 0:2] == 1).all() and fg.sum() == 8
+    np.testing.assert_array_equal(fg, BENCH.previous_keep_largest_component(lab))
+
+
+@pytest.mark.parametrize("shape", [(7, 6, 5), (8, 9)])
+def test_empty_full_and_fortran_ordered_maps(shape):
+    setting = PostprocessSetting(largest_foreground=True, largest_per_class=(1, 2), min_size_voxels=3,
+                                 fill_holes=(1, 2))
+    for lab in (np.zeros(shape, np.uint8), np.full(shape, 2, np.uint8)):
+        np.testing.assert_array_equal(postprocess(lab, setting), lab)
+    lab = _random_label(9, shape, 2, np.uint8)
+    f_order = np.asfortranarray(lab)
+    expected = BENCH.previous_fill_holes(BENCH.previous_keep_largest_component(
+        BENCH.previous_keep_largest_component(BENCH.previous_remove_small_components(lab, 3)), (1, 2),
+        per_class=True), (1, 2))
+    np.testing.assert_array_equal(postprocess(f_order, setting), expected)
+    np.testing.assert_array_equal(postprocess(lab[None], setting)[0], expected)
