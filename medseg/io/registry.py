@@ -35,7 +35,8 @@ def read_volume(path: str | Path, *, spatial_dims: int | None = None, max_channe
     """Read any supported image into a :class:`Volume` (format chosen from the path).
 
     Args:
-        path: file, or folder holding a DICOM series (a ``.dcm`` DICOM-SEG file is read as a label map).
+        path: file, or folder holding a DICOM series (a ``.dcm`` DICOM-SEG or RTSTRUCT file is read as a label map;
+            an RTSTRUCT's referenced series must be in its folder or given as ``source_dir``).
         spatial_dims: if given (2 or 3), refuse images with another number of spatial dimensions.
         max_channels: if given, refuse images with more channels (e.g. ``1`` refuses a 4D NIfTI where a 3D image is
             expected).
@@ -88,6 +89,10 @@ def _read(p: Path, **kwargs) -> Volume:
 
         if is_dicom_seg(p):
             return read_dicom_seg(p, **kwargs)[0]
+        from medseg.io.rtstruct import is_rtstruct, read_rtstruct
+
+        if is_rtstruct(p):
+            return read_rtstruct(p, **kwargs)[0]
     from medseg.io.dicom import read_dicom_series
 
     return read_dicom_series(p, **kwargs)
