@@ -38,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write CASE_uncertainty.nii.gz (predictive entropy over mirrors and folds)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore the run's postprocessing.json")
-    p.add_argument("--output-format", default="nifti", choices=("nifti", "dicom-seg"),
-                   help="mask format (dicom-seg references the source DICOM series)")
+    p.add_argument("--output-format", default="nifti", choices=("nifti", "dicom-seg", "rtstruct"),
+                   help="mask format: dicom-seg (CASE.dcm) and rtstruct (CASE_rtstruct.dcm, contours) reference the "
+                        "source DICOM series, with segment/ROI names from the model's labels")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist")
     p.add_argument("--shard", metavar="I/N", help="only cases I, I+N, ... of the sorted list (0 <= I < N)")
     p.set_defaults(func=run)
