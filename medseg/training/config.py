@@ -118,6 +118,8 @@ class PipelineConfig:
     splits: Path | None = None  # an existing splits.json to use; default OUTPUT/splits.json (made if absent)
     plan: Path | None = None  # an existing plan.json; default: planned from the data
     train: TrainConfig = field(default_factory=TrainConfig)
+    # other names of declared labels in DICOM-SEG / RTSTRUCT label files: {liver: [Leber, LIVER_auto]}
+    label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) for config.yaml in the run folder."""
@@ -181,7 +183,15 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         splits=_path(data.get("splits"), base),
         plan=_path(data.get("plan"), base),
         train=train,
+        label_aliases=_label_aliases(data.get("label_aliases")),
     )
+
+
+def _label_aliases(value: Any) -> dict[str, tuple[str, ...]]:
+    """The YAML's ``label_aliases`` (shape only; checked against the data set's labels when the manifest loads)."""
+    from medseg.data.dicom_labels import parse_label_aliases
+
+    return parse_label_aliases(value, where="label_aliases")
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

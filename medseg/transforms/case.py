@@ -20,12 +20,15 @@ __all__ = ["load_case", "to_ras", "from_ras", "ras_ornt"]
 log = logging.getLogger(__name__)
 
 
-def load_case(images: list[Path] | list[str], label: Path | str | None = None) -> tuple[Volume, Volume | None]:
+def load_case(images: list[Path] | list[str], label: Path | str | None = None, label_names: Any = None
+              ) -> tuple[Volume, Volume | None]:
     """Read a case's channels (one file per channel, or one multi-channel file) and its label.
 
     Args:
         images: channel files in channel order (a single entry may itself hold several channels).
-        label: label map file, or ``None``.
+        label: label map file (a DICOM-SEG / RTSTRUCT too), or ``None``.
+        label_names: for a DICOM-SEG / RTSTRUCT label, the case's ``label_names``
+            (:class:`medseg.data.dicom_labels.LabelNames`), which maps its names to values.
 
     Returns:
         ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
@@ -46,7 +49,9 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
     image = Volume(arr, first.affine.copy(), first.spatial_dims, dict(first.meta))
     seg = None
     if label is not None:
-        lv = read_volume(label)
+        from medseg.data.dicom_labels import read_label
+
+        lv = read_label(label, label_names, [Path(p) for p in images])
         if lv.channels != 1:
             raise InputError(label, f"label has {lv.channels} channels", "a single-channel integer label map")
         if lv.shape != image.shape or not np.allclose(lv.affine, image.affine, atol=1e-3):
