@@ -81,6 +81,13 @@ def test_two_echoes_listed_and_selectable(tmp_path, capsys):
         np.testing.assert_allclose(vol.spacing, (0.6, 0.8, 2.5), atol=1e-5)
     with pytest.raises(InputError, match="has no stack '3'"):
         read_volume(mf, stack="3")
+    capsys.readouterr()
+    assert main(["info", str(mf)]) == 0
+    text = capsys.readouterr().out
+    assert "stack 1  EffectiveEchoTime 10, Echo 1  4 frames" in text and "stack 2  EffectiveEchoTime 25" in text
+    assert "2 stacks: pass --stack ID" in text and "shape" not in text
+    assert main(["info", str(mf), "--stack", "2"]) == 0
+    assert "shape        5 x 6 x 4" in capsys.readouterr().out
     out = tmp_path / "echo2.nii.gz"
     assert main(["convert", str(mf), str(out), "--stack", "2"]) == 0
     assert main(["convert", str(mf), str(out), "--overwrite"]) == 1
