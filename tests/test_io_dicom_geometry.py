@@ -96,3 +96,19 @@ def test_tilt_tag_with_positions_along_the_normal_reads_unchanged(tmp_path):
     r, c = np.mgrid[:6, :5]
     for s in range(4):
         np.testing.assert_allclose(vol.array[0, :, :, s], (1000 * s + 10 * r + c).T)
+
+
+def test_predict_strict_geometry_and_derived_objects_refuse_tilted_sources(tmp_path):
+    from medseg.io.dicom_seg import write_dicom_seg
+    from medseg.transforms.case import load_case
+
+    pos = [np.array([0.0, 0.4 * k, 2.0 * k]) for k in range(4)]
+    write_series(tmp_path / "tilt", pos)
+    with pytest.raises(InputError, match="gantry tilt"):
+        load_case([tmp_path / "tilt"], strict_geometry=True)
+    image, _ = load_case([tmp_path / "tilt"])
+    mask = image.with_array((image.array > 1500).astype(np.uint8))
+    with pytest.raises(InputError, match="do not form a regular grid.*NIfTI output"):
+        write_dicom_seg(mask, tmp_path / "tilt", tmp_path / "seg.dcm", {1: "a"})
+    with pytest.raises(InputError, match="classic series of 4 single-frame images"):
+        read_volume(tmp_path / "tilt", stack="1")

@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
         volume, names = read_rtstruct(src, args.source)
         print("ROIs: " + ", ".join(f"{v}={n}" for v, n in names.items()))
     else:
-        if in_format == "dicom" and not (src.is_file() and _is_seg(src)):
-            kwargs.update(strict_geometry=args.strict_geometry, stack=args.stack)
-        volume = read_volume(src, **kwargs)
+        if args.stack and in_format == "dicom" and not (src.is_file() and _is_seg(src)):
+            kwargs["stack"] = args.stack
+        volume = read_volume(src, strict_geometry=args.strict_geometry, **kwargs)
     if args.dtype:
         try:
             dtype = np.dtype(args.dtype)

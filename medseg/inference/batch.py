@@ -201,7 +201,8 @@ def _one_line(exc: BaseException) -> str:
 
 def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Path, *,
                   output_format: str = "nifti", probabilities: bool = False, uncertainty: bool = False,
-                  overwrite: bool = False, on_case: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                  overwrite: bool = False, on_case: Callable[[CaseResult], None] | None = None,
+                  strict_geometry: bool = False) -> list[CaseResult]:
     """Predict every case, writing its outputs atomically; never raises for a single case's failure.
 
     Args:
@@ -213,6 +214,7 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         uncertainty: also write ``CASE_uncertainty.nii.gz`` (predictive entropy, nats).
         overwrite: predict cases whose outputs already exist (default: skip them).
         on_case: called with each :class:`CaseResult` as soon as it is known (progress, printing).
+        strict_geometry: fail tilted or unevenly spaced DICOM series instead of resampling them.
 
     Returns:
         One result per case, in order.
@@ -240,7 +242,7 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
                 if output_format in DICOM_FORMATS and case.kind != "dicom":
                     raise InputError(case.images[0], "is not a DICOM series", f"DICOM input for --output-format "
                                                                               f"{output_format} (or use nifti)")
-                image, _ = load_case(case.images)
+                image, _ = load_case(case.images, strict_geometry=strict_geometry)
                 pred = predictor.predict_full(image, probabilities=probabilities, uncertainty=uncertainty)
                 if probabilities:
                     write_nifti(pred.probabilities, paths["probabilities"], dtype="float32")

@@ -334,10 +334,13 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None, *, strict
                           "image")
     else:
         info = _select_series(path, list_dicom_series(path), series_uid)
-    if len(info.files) == 1 and info.num_slices > 1 or stack is not None:
+    if len(info.files) == 1 and info.num_slices > 1:
         from medseg.io.dicom_multiframe import read_multiframe
 
         return read_multiframe(info.files[0], stack=stack, strict_geometry=strict_geometry)
+    if stack is not None:
+        raise InputError(path, f"is a classic series of {len(info.files)} single-frame images",
+                         "no --stack (it chooses a stack of an enhanced multi-frame file)")
     irregular = None
     try:
         files, affine_lps, sops = series_geometry(info.files, path)

@@ -60,10 +60,16 @@ def source_series(folder: str | Path, series_uid: str | None = None) -> SourceSe
     import pydicom
 
     from medseg.io.dicom import _select_series, list_dicom_series, series_geometry
+    from medseg.io.dicom_geometry import IrregularSlices
 
     folder = Path(folder)
     info = _select_series(folder, list_dicom_series(folder), series_uid)
-    files, affine_lps, sops = series_geometry(info.files, folder)
+    try:
+        files, affine_lps, sops = series_geometry(info.files, folder)
+    except IrregularSlices as exc:
+        raise InputError(folder, f"{exc.problem}: a DICOM-SEG or RTSTRUCT lies on the slices of its series, and "
+                         "these slices do not form a regular grid", "NIfTI output for a tilted or unevenly spaced "
+                         "series (its mask lies on the resampled grid)") from None
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return SourceSeries(info.uid, list(files), affine_lps, sops, (int(first.Columns), int(first.Rows), len(files)),
                         folder)

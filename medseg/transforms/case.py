@@ -20,8 +20,8 @@ __all__ = ["load_case", "to_ras", "from_ras", "ras_ornt"]
 log = logging.getLogger(__name__)
 
 
-def load_case(images: list[Path] | list[str], label: Path | str | None = None, label_names: Any = None
-              ) -> tuple[Volume, Volume | None]:
+def load_case(images: list[Path] | list[str], label: Path | str | None = None, label_names: Any = None, *,
+              strict_geometry: bool = False) -> tuple[Volume, Volume | None]:
     """Read a case's channels (one file per channel, or one multi-channel file) and its label.
 
     Args:
@@ -29,6 +29,7 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None, l
         label: label map file (a DICOM-SEG / RTSTRUCT too), or ``None``.
         label_names: for a DICOM-SEG / RTSTRUCT label, the case's ``label_names``
             (:class:`medseg.data.dicom_labels.LabelNames`), which maps its names to values.
+        strict_geometry: refuse tilted or unevenly spaced DICOM series instead of resampling them.
 
     Returns:
         ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
@@ -39,7 +40,7 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None, l
     """
     if not images:
         raise InputError(None, "a case has no image files", "at least one image per case")
-    vols = [read_volume(p) for p in images]
+    vols = [read_volume(p, strict_geometry=strict_geometry) for p in images]
     first = vols[0]
     for p, v in zip(images[1:], vols[1:]):
         if not v.same_geometry(first, atol=1e-3):
