@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if is_rtstruct(src):
         from medseg.io.rtstruct import read_rtstruct
 
-        volume, names = read_rtstruct(src, args.source)
+        volume, names = read_rtstruct(src, args.source, strict_geometry=args.strict_geometry)
         print("ROIs: " + ", ".join(f"{v}={n}" for v, n in names.items()))
     else:
         if args.stack and in_format == "dicom" and not (src.is_file() and _is_seg(src)):

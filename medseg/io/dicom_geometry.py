@@ -25,7 +25,7 @@ import numpy as np
 
 from medseg.errors import InputError
 
-__all__ = ["IrregularSlices", "resample_irregular"]
+__all__ = ["IrregularSlices", "SliceStack", "regular_grid", "resample_irregular"]
 
 
 class IrregularSlices(InputError):
@@ -81,6 +81,26 @@ def _target_step(dist: np.ndarray) -> tuple[float, int]:
     return span / (n - 1), n
 
 
+def regular_grid(stack: SliceStack) -> tuple[np.ndarray, int]:
+    """The regular grid :func:`resample_irregular` fills: ``(4x4 LPS affine, number of slices)``.
+
+    Args:
+        stack: the slices' geometry.
+
+    Returns:
+        The affine of ``(column, row, slice)`` indices and the slice count of the grid.
+    """
+    dr, dc = (float(v) for v in stack.pixel_spacing)
+    pos = np.asarray(stack.positions, dtype=np.float64)
+    dz, n_out = _target_step(pos @ stack.normal)
+    affine = np.eye(4)
+    affine[:3, 0] = stack.row * dc
+    affine[:3, 1] = stack.col * dr
+    affine[:3, 2] = stack.normal * dz
+    affine[:3, 3] = pos[0]
+    return affine, n_out
+
+
 def resample_irregular(array: np.ndarray, stack: SliceStack, fill: float | None = None
                        ) -> tuple[np.ndarray, np.ndarray, str]:
     """Resample a ``(C, columns, rows, K)`` slice stack onto a regular grid (see the module docstring).
@@ -95,11 +115,11 @@ def resample_irregular(array: np.ndarray, stack: SliceStack, fill: float | None 
     """
     from scipy.ndimage import map_coordinates
 
-    normal = stack.normal
     dr, dc = (float(v) for v in stack.pixel_spacing)
     pos = np.asarray(stack.positions, dtype=np.float64)
-    dist = pos @ normal
-    dz, n_out = _target_step(dist)
+    dist = pos @ stack.normal
+    affine, n_out = regular_grid(stack)
+    dz = float(np.linalg.norm(affine[:3, 2]))
     origin = pos[0]
     n_cols, n_rows = array.shape[1], array.shape[2]
     if fill is None:
@@ -129,11 +149,6 @@ def resample_irregular(array: np.ndarray, stack: SliceStack, fill: float | None 
                 out[c, :, :, t] = (1 - w) * sampled(c, a) + w * sampled(c, a + 1)
         for key in [k for k in cache if k[1] < a]:
             del cache[key]
-    affine = np.eye(4)
-    affine[:3, 0] = stack.row * dc
-    affine[:3, 1] = stack.col * dr
-    affine[:3, 2] = normal * dz
-    affine[:3, 3] = origin
     note = (f"{stack.what}: resampled {len(dist)} slices onto a regular grid of {n_out} slices {dz:.4g} mm apart "
             "along the slice normal (linear interpolation, as dcm2niix does); --strict-geometry refuses instead")
     return out, affine, note

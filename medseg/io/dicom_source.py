@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.dicom_geometry import SliceStack
 from medseg.io.volume import LPS_TO_RAS, Volume
 
 __all__ = ["SourceSeries", "source_series", "label_on_grid", "labelled_source", "copyable_headers"]
@@ -30,10 +31,13 @@ class SourceSeries:
     Attributes:
         uid: SeriesInstanceUID.
         files: the files in slice order.
-        affine_lps: LPS voxel-to-world affine of ``(column, row, slice)`` indices.
-        sop_instance_uids: SOPInstanceUID of each slice, in slice order.
-        shape: ``(columns, rows, slices)``.
+        affine_lps: LPS voxel-to-world affine of ``(column, row, slice)`` indices of the grid the series reads to
+            (for an irregular series: the regular grid it is resampled onto).
+        sop_instance_uids: SOPInstanceUID of each slice (file), in slice order.
+        shape: ``(columns, rows, slices)`` of that grid.
         folder: the folder it was found in.
+        irregular: the slices' own geometry when they do not form a regular grid (tilt, uneven spacing), else
+            None; then ``files`` are not the grid's slices one to one.
     """
 
     uid: str
@@ -42,14 +46,36 @@ class SourceSeries:
     sop_instance_uids: list[str]
     shape: tuple[int, int, int]
     folder: Path
+    irregular: SliceStack | None = None
+
+    def slice_planes(self) -> list[np.ndarray]:
+        """For each file (slice) in order, the 4x4 LPS affine of its own ``(column, row, 0)`` pixel indices."""
+        if self.irregular is None:
+            planes = []
+            for k in range(len(self.files)):
+                a = self.affine_lps.copy()
+                a[:3, 3] = self.affine_lps[:3, :3] @ [0, 0, k] + self.affine_lps[:3, 3]
+                planes.append(a)
+            return planes
+        st = self.irregular
+        dr, dc = (float(v) for v in st.pixel_spacing)
+        planes = []
+        for p in st.positions:
+            a = self.affine_lps.copy()
+            a[:3, 0], a[:3, 1], a[:3, 3] = st.row * dc, st.col * dr, p
+            planes.append(a)
+        return planes
 
 
-def source_series(folder: str | Path, series_uid: str | None = None) -> SourceSeries:
+def source_series(folder: str | Path, series_uid: str | None = None, *, allow_irregular: bool = False
+                  ) -> SourceSeries:
     """Find and validate the image series a derived object refers to.
 
     Args:
         folder: folder holding the series (it may hold SEG/RTSTRUCT objects too).
         series_uid: the series to use; default the folder's only image series.
+        allow_irregular: accept a tilted or unevenly spaced series (RTSTRUCT contours lie on each slice's own
+            plane); its grid is then the regular grid :func:`medseg.io.read_volume` resamples it onto.
 
     Returns:
         The series, in slice order.
@@ -60,13 +86,19 @@ def source_series(folder: str | Path, series_uid: str | None = None) -> SourceSe
     import pydicom
 
     from medseg.io.dicom import _select_series, list_dicom_series, series_geometry
-    from medseg.io.dicom_geometry import IrregularSlices
+    from medseg.io.dicom_geometry import IrregularSlices, regular_grid
 
     folder = Path(folder)
     info = _select_series(folder, list_dicom_series(folder), series_uid)
     try:
         files, affine_lps, sops = series_geometry(info.files, folder)
     except IrregularSlices as exc:
+        if allow_irregular:
+            st = exc.geometry
+            first = pydicom.dcmread(st.files[0], stop_before_pixels=True)
+            affine, n_out = regular_grid(st)
+            return SourceSeries(info.uid, list(st.files), affine, list(st.sop_instance_uids),
+                                (int(first.Columns), int(first.Rows), n_out), folder, st)
         raise InputError(folder, f"{exc.problem}: a DICOM-SEG or RTSTRUCT lies on the slices of its series, and "
                          "these slices do not form a regular grid", "NIfTI output for a tilted or unevenly spaced "
                          "series (its mask lies on the resampled grid)") from None
@@ -105,7 +137,7 @@ def label_on_grid(label: Volume, source: SourceSeries) -> np.ndarray:
 
 
 def labelled_source(label: Volume, source_dir: str | Path, labels: dict[int, str], colors: dict | None,
-                    codes: dict | None, series_uid: str | None):
+                    codes: dict | None, series_uid: str | None, *, allow_irregular: bool = False):
     """What a derived-object writer starts from: the source, the label array on its grid, one style per label.
 
     Args:
@@ -113,6 +145,7 @@ def labelled_source(label: Volume, source_dir: str | Path, labels: dict[int, str
         source_dir: folder holding the source series.
         labels, colors, codes: see :func:`medseg.io.label_style.label_styles`.
         series_uid: the source series; default ``label.meta["series_uid"]``, else the folder's only image series.
+        allow_irregular: see :func:`source_series`.
 
     Returns:
         ``(SourceSeries, int64 label array, [LabelStyle, ...])``.
@@ -123,7 +156,8 @@ def labelled_source(label: Volume, source_dir: str | Path, labels: dict[int, str
     from medseg.io.label_style import label_styles
 
     where = label.meta.get("source", "label")
-    source = source_series(Path(source_dir), series_uid or label.meta.get("series_uid"))
+    source = source_series(Path(source_dir), series_uid or label.meta.get("series_uid"),
+                           allow_irregular=allow_irregular)
     arr = label_on_grid(label, source)
     styles = label_styles(labels, colors, codes)
     unknown = sorted({int(v) for v in np.unique(arr)} - {0} - {s.value for s in styles})

@@ -94,7 +94,7 @@ def _read(p: Path, strict_geometry: bool, **kwargs) -> Volume:
         from medseg.io.rtstruct import is_rtstruct, read_rtstruct
 
         if is_rtstruct(p):
-            return read_rtstruct(p, **kwargs)[0]
+            return read_rtstruct(p, strict_geometry=strict_geometry, **kwargs)[0]
     from medseg.io.dicom import read_dicom_series
 
     return read_dicom_series(p, strict_geometry=strict_geometry, **kwargs)

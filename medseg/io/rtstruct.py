@@ -20,6 +20,13 @@ Writing (:func:`write_rtstruct`). For each label value and slice, the iso-contou
 so rasterising them again by the even-odd rule gives back exactly the slice's pixels. Collinear vertices are
 dropped. ROI names, colours and codes come from :func:`medseg.io.label_style.label_styles`.
 
+Tilted or unevenly spaced series. Contours lie on the planes of the series' own slices, which are not the planes of
+the regular grid such a series is read onto (:mod:`medseg.io.dicom_geometry`). Reading rasterises each contour on
+its own slice and resamples the per-slice masks like the image (linear, kept where >= 0.5); writing samples the
+label map at each slice's pixel centres (nearest voxel) and traces that. Both may then differ from the label map
+at boundary voxels (the tested round trip on a 17-degree tilted series keeps Dice >= 0.98); for a regular series
+they are exact.
+
 Identifiers. The patient and study attributes an RTSTRUCT must carry are copied from the source headers into the new
 file; none of them, and no UID, is logged.
 """
@@ -147,53 +154,79 @@ def read_rois(path: str | Path) -> tuple[list[Roi], str | None]:
     return list(rois.values()), _referenced_series(ds)
 
 
+def _plane_frames(source: SourceSeries) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per slice file: the inverse of its ``(column, row, mm along the normal)`` affine; the unit normal; the
+    slices' distances along it."""
+    planes = source.slice_planes()
+    normal = np.cross(planes[0][:3, 0], planes[0][:3, 1])
+    normal /= np.linalg.norm(normal)
+    inverses = []
+    for plane in planes:
+        a = plane.copy()
+        a[:3, 2] = normal
+        inverses.append(np.linalg.inv(a))
+    return inverses, normal, np.array([plane[:3, 3] @ normal for plane in planes])
+
+
 def _rasterise(rois: list[Roi], source: SourceSeries, where: Path) -> dict[int, np.ndarray]:
     from skimage.draw import polygon
 
-    shape = source.shape
-    inv = np.linalg.inv(source.affine_lps)
+    from medseg.io.dicom_geometry import resample_irregular
+
+    inverses, normal, dists = _plane_frames(source)
+    step = float(np.min(np.diff(dists))) if len(dists) > 1 else float(np.linalg.norm(source.affine_lps[:3, 2]))
+    plane_shape = source.shape[:2]
     masks = {}
     for roi in rois:
-        mask = np.zeros(shape, dtype=bool)
+        mask = np.zeros((*plane_shape, len(dists)), dtype=bool)
         off_grid = not_planar = 0
         for pts in roi.contours:
-            ijk = (inv[:3, :3] @ pts.T).T + inv[:3, 3]
-            k = ijk[:, 2]
-            if k.max() - k.min() > 2 * _PLANAR_TOL:
+            d = pts @ normal
+            if d.max() - d.min() > 2 * _PLANAR_TOL * step:
                 not_planar += 1
                 continue
-            kk = int(np.rint(k.mean()))
-            if not 0 <= kk < shape[2] or abs(k.mean() - kk) > 0.5 - _PLANAR_TOL:
+            kk = int(np.argmin(np.abs(dists - d.mean())))
+            if abs(d.mean() - dists[kk]) > (0.5 - _PLANAR_TOL) * step:
                 off_grid += 1
                 continue
-            ii, jj = polygon(ijk[:, 0], ijk[:, 1], shape=shape[:2])
-            fill = np.zeros(shape[:2], dtype=bool)
+            ij = (inverses[kk][:2, :3] @ pts.T).T + inverses[kk][:2, 3]
+            ii, jj = polygon(ij[:, 0], ij[:, 1], shape=plane_shape)
+            fill = np.zeros(plane_shape, dtype=bool)
             fill[ii, jj] = True
             mask[:, :, kk] ^= fill  # even-odd rule: each further contour around a pixel flips it
         if off_grid or not_planar or roi.skipped:
             log.warning("%s: ROI %r: %d contour(s) between or outside the slices of the source series, %d not "
                         "planar, %d not closed planar: ignored", where.name, roi.name, off_grid, not_planar,
                         roi.skipped)
+        if source.irregular is not None:  # onto the regular grid the image is resampled onto
+            mask = resample_irregular(mask[None].astype(np.float32), source.irregular, fill=0.0)[0][0] >= 0.5
         masks[roi.number] = mask
     return masks
 
 
-def read_rtstruct_masks(path: str | Path, source_dir: str | Path) -> tuple[dict[str, np.ndarray], SourceSeries]:
+def read_rtstruct_masks(path: str | Path, source_dir: str | Path, *, strict_geometry: bool = False
+                        ) -> tuple[dict[str, np.ndarray], SourceSeries]:
     """Rasterise every ROI of an RTSTRUCT onto the referenced series' grid, one boolean mask per ROI.
 
     Args:
         path: the RTSTRUCT file.
         source_dir: folder holding the referenced image series (it may hold the RTSTRUCT too).
+        strict_geometry: refuse a tilted or unevenly spaced series; by default each contour is rasterised on its
+            own slice and the masks resampled (linear, >= 0.5) onto the regular grid the image reads to.
 
     Returns:
         ``({ROI name: (columns, rows, slices) bool mask}, the source series)``; ROIs in file order.
 
     Raises:
-        InputError: not an RTSTRUCT, the referenced series is not in ``source_dir``, or two ROIs share a name.
+        InputError: not an RTSTRUCT, the referenced series is not in ``source_dir``, two ROIs share a name, or
+            (strict) the series has no regular grid.
     """
     path = Path(path)
     rois, ref = read_rois(path)
-    source = source_series(Path(source_dir), ref)
+    source = source_series(Path(source_dir), ref, allow_irregular=not strict_geometry)
+    if source.irregular is not None:
+        log.warning("%s: %s: ROIs rasterised on each slice, then resampled onto the regular grid the image reads "
+                    "to", path.name, source.irregular.what)
     names = [r.name for r in rois]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -202,13 +235,15 @@ def read_rtstruct_masks(path: str | Path, source_dir: str | Path) -> tuple[dict[
     return {r.name: masks[r.number] for r in rois}, source
 
 
-def read_rtstruct(path: str | Path, source_dir: str | Path | None = None) -> tuple[Volume, dict[int, str]]:
+def read_rtstruct(path: str | Path, source_dir: str | Path | None = None, *, strict_geometry: bool = False
+                  ) -> tuple[Volume, dict[int, str]]:
     """Read an RTSTRUCT as a label map on the referenced series' grid.
 
     Args:
         path: the RTSTRUCT file.
         source_dir: folder holding the referenced image series (it may hold the RTSTRUCT itself); default the
             RTSTRUCT's own folder.
+        strict_geometry: refuse a tilted or unevenly spaced series (see :func:`read_rtstruct_masks`).
 
     Returns:
         ``(label Volume (1, columns, rows, slices), {label value: ROI name})``: the n-th ROI has value n; the Volume
@@ -218,7 +253,8 @@ def read_rtstruct(path: str | Path, source_dir: str | Path | None = None) -> tup
         InputError: see :func:`read_rtstruct_masks`.
     """
     path = Path(path)
-    masks, source = read_rtstruct_masks(path, source_dir if source_dir is not None else path.parent)
+    masks, source = read_rtstruct_masks(path, source_dir if source_dir is not None else path.parent,
+                                        strict_geometry=strict_geometry)
     names = {value: name for value, name in enumerate(masks, start=1)}
     dtype = np.uint8 if len(names) < 256 else np.uint16
     label = np.zeros(source.shape, dtype=dtype)
@@ -259,6 +295,23 @@ def mask_contours(mask2d: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _label_slices(arr: np.ndarray, source: SourceSeries, planes: list[np.ndarray]) -> list[np.ndarray]:
+    """The label map on each source slice's own pixels: the grid's slices, or (irregular series) the grid sampled
+    at each slice's pixel centres (nearest voxel)."""
+    if source.irregular is None:
+        return [arr[:, :, k] for k in range(arr.shape[2])]
+    from scipy.ndimage import map_coordinates
+
+    inv = np.linalg.inv(source.affine_lps)
+    ii, jj = np.meshgrid(np.arange(arr.shape[0]), np.arange(arr.shape[1]), indexing="ij")
+    pix = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
+    out = []
+    for plane in planes:
+        ijk = (inv @ plane @ pix)[:3]
+        out.append(map_coordinates(arr, ijk, order=0, mode="constant", cval=0).reshape(arr.shape[:2]))
+    return out
+
+
 def _ds_values(points: np.ndarray) -> list[str]:
     return [f"{v:.4f}" for v in points.ravel()]  # DS: at most 16 characters
 
@@ -269,7 +322,8 @@ def write_rtstruct(label: Volume, source_dir: str | Path, path: str | Path, labe
     """Write a label map as an RTSTRUCT of closed planar contours that references the source series, atomically.
 
     Args:
-        label: ``(1, columns, rows, slices)`` integer label map on the source series' grid.
+        label: ``(1, columns, rows, slices)`` integer label map on the source series' grid (for a tilted or
+            unevenly spaced series: the regular grid it reads to; contours then go on the series' own slices).
         source_dir: folder holding the source DICOM series.
         path: output ``.dcm`` file.
         labels: label value -> ROI name (value 0 is ignored); every value in the map needs a name.
@@ -295,7 +349,8 @@ def write_rtstruct(label: Volume, source_dir: str | Path, path: str | Path, labe
     from medseg import __version__
     from medseg.io.atomic import atomic_path
     source_dir = Path(source_dir)
-    source, arr, styles = labelled_source(label, source_dir, labels, colors, codes, series_uid)
+    source, arr, styles = labelled_source(label, source_dir, labels, colors, codes, series_uid,
+                                          allow_irregular=True)
     headers = copyable_headers(source)
     first = headers[0]
     if "FrameOfReferenceUID" not in first:
@@ -341,7 +396,8 @@ def write_rtstruct(label: Volume, source_dir: str | Path, path: str | Path, labe
     frame_ref.RTReferencedStudySequence = Sequence([study_ref])
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame_ref])
 
-    affine = source.affine_lps
+    planes = source.slice_planes()
+    slices = _label_slices(arr, source, planes)
     rois, contours_seq, observations = [], [], []
     n_contours = 0
     for number, style in enumerate(styles, start=1):
@@ -353,9 +409,9 @@ def write_rtstruct(label: Volume, source_dir: str | Path, path: str | Path, labe
         rc.ROIDisplayColor = list(style.color)
         rc.ReferencedROINumber = number
         items = []
-        for k in np.flatnonzero((arr == style.value).any(axis=(0, 1))):
-            for poly in mask_contours(arr[:, :, k] == style.value):
-                world = (affine[:3, :3] @ np.c_[poly, np.full(len(poly), k)].T).T + affine[:3, 3]
+        for k, plane_labels in enumerate(slices):
+            for poly in mask_contours(plane_labels == style.value):
+                world = (planes[k][:3, :2] @ poly.T).T + planes[k][:3, 3]
                 c = Dataset()
                 c.ContourImageSequence = Sequence([image_ref(int(k))])
                 c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", len(world)
