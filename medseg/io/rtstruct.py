@@ -280,16 +280,19 @@ def mask_contours(mask2d: np.ndarray) -> list[np.ndarray]:
     Returns:
         One vertex array per contour, the closing vertex not repeated.
     """
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     if not mask2d.any():
         return []
     padded = np.pad(mask2d.astype(np.float32), 1)
     out = []
     for c in find_contours(padded, 0.5):
-        c = approximate_polygon(c, tolerance=0.01) - 1.0  # drops collinear vertices only
+        c = c - 1.0
         if len(c) > 1 and np.allclose(c[0], c[-1]):
             c = c[:-1]
+        ahead, behind = np.roll(c, -1, axis=0) - c, c - np.roll(c, 1, axis=0)
+        turn = ahead[:, 0] * behind[:, 1] - ahead[:, 1] * behind[:, 0]
+        c = c[np.abs(turn) > 1e-9]  # drop vertices in the middle of straight runs (the shape is unchanged)
         if len(c) >= 3:
             out.append(c)
     return out
