@@ -87,3 +87,24 @@ def test_seg_onto_series_with_empty_charset_and_no_names_logged(shared_data, tmp
     out = capfd.readouterr()
     said = out.out + out.err + caplog.text + " ".join(str(w.message) for w in caught)
     assert name and name not in said
+
+
+def test_segment_colours_and_codes(tmp_path):
+    import highdicom as hd
+
+    from medseg.errors import ConfigError
+    from medseg.io.label_style import GENERIC_CONCEPT, PALETTE
+
+    img = read_volume(CT5N)
+    out = tmp_path / "seg.dcm"
+    codes = {"2": {"type": ["10200004", "SCT", "Liver"], "category": {"value": "123037004", "scheme": "SCT",
+                                                                      "meaning": "Anatomical Structure"}}}
+    write_dicom_seg(_label(img), CT5N, out, {2: "liver", 5: "tumour"}, colors={2: [200, 30, 40]}, codes=codes)
+    liver, tumour = pydicom.dcmread(out).SegmentSequence
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
+    assert tumour.SegmentedPropertyTypeCodeSequence[0].CodeValue == GENERIC_CONCEPT.value  # generic code
+    rgb = [hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb() for s in (liver, tumour)]
+    assert [tuple(int(v) for v in c) for c in rgb] == [(200, 30, 40), PALETTE[1]]  # tumour: 2nd palette colour
+    with pytest.raises(ConfigError, match="colors"):
+        write_dicom_seg(_label(img), CT5N, out, {2: "liver", 5: "tumour"}, colors={2: [300, 0, 0]})

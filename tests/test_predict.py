@@ -317,6 +317,28 @@ def test_dicom_series_nifti_and_dicom_seg(run_dir, tmp_path, caplog):
     assert set(labels.values()) <= {"left", "right"}
 
 
+def test_dicom_series_rtstruct_output_reads_back_to_the_mask(run_dir, tmp_path):
+    from medseg.io.rtstruct import read_rtstruct_masks
+
+    image, _ = synthetic_case(9)
+    series = tmp_path / "in" / "series_a"
+    _write_dicom_series(image, series)
+    base = ["predict", "-i", str(tmp_path / "in"), "-m", str(run_dir), "--device", "cpu", "--folds", "0", "--no-tta"]
+    assert main([*base, "-o", str(tmp_path / "nii")]) == 0
+    assert main([*base, "-o", str(tmp_path / "rt"), "--output-format", "rtstruct"]) == 0
+    mask = read_volume(tmp_path / "nii" / "series_a.nii.gz").array[0]
+    rois, source = read_rtstruct_masks(tmp_path / "rt" / "series_a_rtstruct.dcm", series)
+    labels = {v: n for v, n in Predictor.from_run(run_dir, device="cpu").labels.items() if int(v) != 0}
+    assert list(rois) == [labels[v] for v in sorted(labels)] and source.shape == mask.shape
+    for value, name in labels.items():
+        assert (mask == value).any(), name  # the prediction has every label, so each ROI is really compared
+        assert _dice(rois[name], mask == value) >= 0.98, name
+    nifti_only = tmp_path / "nifti_in"
+    write_nifti(image, nifti_only / "case.nii.gz")
+    assert main(["predict", "-i", str(nifti_only), *base[3:], "-o", str(tmp_path / "rt2"), "--output-format",
+                 "rtstruct"]) == 1  # a NIfTI input has no series to reference: that case fails, reported
+
+
 def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     n = 6

@@ -1,5 +1,5 @@
 """`medseg convert IN OUT`: convert between image formats keeping the geometry (DICOM series -> NIfTI, NIfTI ->
-NRRD/MHA, DICOM-SEG -> NIfTI, label map -> DICOM-SEG, ...)."""
+NRRD/MHA, DICOM-SEG or RTSTRUCT -> NIfTI, label map -> DICOM-SEG or RTSTRUCT, ...)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,29 @@ import argparse
 def register(subparsers) -> None:
     """Add the ``convert`` subcommand."""
     p = subparsers.add_parser(
-        "convert", help="convert an image or DICOM series to NIfTI/NRRD/MHA/PNG/TIFF/DICOM-SEG",
-        description="Read IN (NIfTI, NRRD, MHA, PNG, TIFF, a DICOM series folder or a DICOM-SEG file) and write OUT "
-                    "in the format its suffix names (.nii.gz, .nii, .nrrd, .mha, .png, .tif), keeping the "
-                    "voxel-to-world geometry. OUT ending in .dcm writes a DICOM-SEG of a label map IN that "
-                    "references the DICOM series in --source. The output is written atomically.")
+        "convert", help="convert an image or DICOM series to NIfTI/NRRD/MHA/PNG/TIFF/DICOM-SEG/RTSTRUCT",
+        description="Read IN (NIfTI, NRRD, MHA, PNG, TIFF, a DICOM series folder, a DICOM-SEG file, or an RTSTRUCT "
+                    "file whose contours are rasterised onto the series in --source) and write OUT in the format "
+                    "its suffix names (.nii.gz, .nii, .nrrd, .mha, .png, .tif), keeping the voxel-to-world geometry. "
+                    "OUT ending in .dcm writes a DICOM-SEG (or with --dicom-type rtstruct an RTSTRUCT) of a label "
+                    "map IN that references the DICOM series in --source. The output is written atomically.")
     p.add_argument("input", metavar="IN", help="input image file or DICOM folder")
     p.add_argument("output", metavar="OUT", help="output file; its suffix picks the format")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when IN holds several DICOM series")
     p.add_argument("--dtype", help="output data type, e.g. uint8, int16, float32 (default: keep)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="pixel spacing for PNG/TIFF input")
-    p.add_argument("--source", metavar="DICOM_DIR", help="DICOM-SEG output: the source series the label lies on")
+    p.add_argument("--source", metavar="DICOM_DIR",
+                   help="the DICOM series folder a label lies on: for .dcm output, and for RTSTRUCT input (default "
+                        "the RTSTRUCT's own folder)")
     p.add_argument("--labels", metavar="V=NAME,...",
-                   help="DICOM-SEG output: segment names, e.g. '1=liver,2=tumour' (default: 'label V')")
+                   help=".dcm output: segment/ROI names, e.g. '1=liver,2=tumour' (default: 'label V')")
+    p.add_argument("--dicom-type", choices=("seg", "rtstruct"), default="seg",
+                   help=".dcm output: a DICOM-SEG or an RTSTRUCT")
+    p.add_argument("--stack", metavar="ID",
+                   help="enhanced multi-frame input with several stacks/dimensions: the one to read (listed by "
+                        "`medseg info`)")
+    p.add_argument("--strict-geometry", action="store_true",
+                   help="refuse gantry-tilted or unevenly spaced DICOM series (default: resample with a warning)")
     p.add_argument("--expect", choices=("2d", "3d"),
                    help="refuse IN unless it is a one-channel 2D or 3D image (e.g. a 4D NIfTI where 3D is expected)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -43,6 +53,12 @@ def _parse_labels(text: str | None, values) -> dict[int, str]:
         if not sep or not name.strip():
             raise ConfigError("--labels", text, "comma-separated VALUE=NAME pairs, e.g. '1=liver,2=tumour'")
     return out
+
+
+def _is_seg(path) -> bool:
+    from medseg.io.dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +95,17 @@ def run(args: argparse.Namespace) -> int:
         kwargs["spacing"] = tuple(args.spacing) if len(args.spacing) > 1 else args.spacing[0]
     if args.expect:
         kwargs.update(spatial_dims=int(args.expect[0]), max_channels=1)
-    volume = read_volume(src, **kwargs)
+    from medseg.io.rtstruct import is_rtstruct
+
+    if is_rtstruct(src):
+        from medseg.io.rtstruct import read_rtstruct
+
+        volume, names = read_rtstruct(src, args.source, strict_geometry=args.strict_geometry)
+        print("ROIs: " + ", ".join(f"{v}={n}" for v, n in names.items()))
+    else:
+        if args.stack and in_format == "dicom" and not (src.is_file() and _is_seg(src)):
+            kwargs["stack"] = args.stack
+        volume = read_volume(src, strict_geometry=args.strict_geometry, **kwargs)
     if args.dtype:
         try:
             dtype = np.dtype(args.dtype)
@@ -88,11 +114,13 @@ def run(args: argparse.Namespace) -> int:
         volume = volume.with_array(volume.array.astype(dtype))
     if is_seg_out:
         from medseg.io.dicom_seg import write_dicom_seg
+        from medseg.io.rtstruct import write_rtstruct
 
         if not args.source:
             raise ConfigError("--source", None, "the DICOM series folder the label map lies on (for .dcm output)")
         labels = _parse_labels(args.labels, np.unique(volume.array))
-        write_dicom_seg(volume, args.source, dst, labels, series_uid=args.series)
+        writer = write_rtstruct if args.dicom_type == "rtstruct" else write_dicom_seg
+        writer(volume, args.source, dst, labels, series_uid=args.series)
     else:
         write_volume(volume, dst)
     logging.getLogger(__name__).debug("converted %s -> %s", src, dst)

@@ -38,8 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write CASE_uncertainty.nii.gz (predictive entropy over mirrors and folds)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore the run's postprocessing.json")
-    p.add_argument("--output-format", default="nifti", choices=("nifti", "dicom-seg"),
-                   help="mask format (dicom-seg references the source DICOM series)")
+    p.add_argument("--output-format", default="nifti", choices=("nifti", "dicom-seg", "rtstruct"),
+                   help="mask format: dicom-seg (CASE.dcm) and rtstruct (CASE_rtstruct.dcm, contours) reference the "
+                        "source DICOM series, with segment/ROI names from the model's labels")
+    p.add_argument("--strict-geometry", action="store_true",
+                   help="fail gantry-tilted or unevenly spaced DICOM series (default: resample them onto a regular "
+                        "grid with a warning; the mask then lies on that grid)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist")
     p.add_argument("--shard", metavar="I/N", help="only cases I, I+N, ... of the sorted list (0 <= I < N)")
     p.set_defaults(func=run)
@@ -68,7 +72,7 @@ def run(args) -> int:
     try:
         results = predict_cases(predictor, cases, args.output, output_format=args.output_format,
                                 probabilities=args.save_probabilities, uncertainty=args.uncertainty,
-                                overwrite=args.overwrite, on_case=on_case)
+                                overwrite=args.overwrite, on_case=on_case, strict_geometry=args.strict_geometry)
     finally:
         bar.close()
     info = {"model_dir": str(args.model), "folds": getattr(predictor, "folds", None),

@@ -199,8 +199,11 @@ def check_case(case: Case, manifest: Manifest, *, atol: float = 1e-3) -> tuple[l
             problems.extend(_finite_problems(path, vol.array))
     if case.label is None:
         return problems, summary
+    from medseg.data.dicom_labels import name_problems, read_label
+
     try:
-        lab = read_volume(case.label)
+        problems.extend(Problem(*p) for p in name_problems(case))
+        lab = read_label(case.label, case.label_names, case.images)
     except InputError as exc:
         problems.append(_from_error(case.label, exc))
         return problems, summary

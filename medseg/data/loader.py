@@ -57,7 +57,7 @@ def preprocess_case(case: Any, plan: Plan, config_name: str, out_dir: Path) -> s
     from medseg.transforms.case import load_case
     from medseg.transforms.preprocess import preprocess_volume
 
-    image, label = load_case(list(case.images), case.label)
+    image, label = load_case(list(case.images), case.label, getattr(case, "label_names", None))
     img, seg, props = preprocess_volume(image, plan, config_name, label)
     with atomic_path(out_dir / f"{case.case_id}.npy") as tmp:
         np.save(tmp, img)

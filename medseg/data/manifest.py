@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import InputError
 
@@ -48,12 +49,15 @@ class Case:
         patient_id: the patient (subject) the case belongs to; cases of one patient never straddle folds.
         images: one path per channel, or one multi-channel file, or one DICOM folder.
         label: label map path, or None for unlabelled cases.
+        label_names: for a DICOM-SEG / RTSTRUCT label, how its segment / ROI names map to label values
+            (:class:`medseg.data.dicom_labels.LabelNames`); None otherwise.
     """
 
     case_id: str
     patient_id: str
     images: list[Path]
     label: Path | None
+    label_names: Any = None
 
 
 @dataclass
@@ -126,7 +130,8 @@ def split_ending(name: str) -> tuple[str, str]:
 
 
 def load_manifest(
-    path: str | Path, *, patient_regex: str | None = None, file_ending: str | None = None
+    path: str | Path, *, patient_regex: str | None = None, file_ending: str | None = None,
+    label_aliases: dict | None = None,
 ) -> Manifest:
     """Discover the cases of a data set (see the module docstring for the layouts).
 
@@ -136,6 +141,8 @@ def load_manifest(
             the whole match) is the patient id. Ignored for CSV manifests, which name the patient.
         file_ending: image ending for nnU-Net / plain layouts (e.g. ``".png"``); default: from dataset.json or
             detected from the files.
+        label_aliases: other names of the declared labels, for DICOM-SEG / RTSTRUCT labels
+            (:mod:`medseg.data.dicom_labels`; the pipeline YAML's ``label_aliases``).
 
     Returns:
         The manifest, cases sorted by case id.
@@ -143,7 +150,14 @@ def load_manifest(
     Raises:
         InputError: the path is missing, not a known layout, or its dataset.json / CSV is malformed.
     """
-    path = Path(path)
+    from medseg.data.dicom_labels import attach_label_names
+
+    manifest = _load(Path(path), patient_regex, file_ending)
+    attach_label_names(manifest, label_aliases)
+    return manifest
+
+
+def _load(path: Path, patient_regex: str | None, file_ending: str | None) -> Manifest:
     if not path.exists():
         raise InputError(path, "does not exist", "a data set folder or a CSV manifest")
     regex = _compile_regex(patient_regex)
@@ -162,11 +176,15 @@ def load_manifest(
             return _finish(_from_nnunet(path, meta, file_ending), regex, "nnU-Net")
         if "training" in meta:
             return _finish(_from_msd(path, meta), regex, "MSD")
+        if (dicom := _from_dicom_folders(path)) is not None:
+            return _finish(dicom, regex, "DICOM folders")
         raise InputError(ds_json, "has neither a 'training' list (MSD) nor 'channel_names'/'file_ending' (nnU-Net v2)",
                          "an MSD or nnU-Net v2 dataset.json")
     for img_dir, lab_dir in (("images", "labels"), ("imagesTr", "labelsTr")):
         if (path / img_dir).is_dir():
             return _finish(_from_folders(path, path / img_dir, path / lab_dir, file_ending), regex, "images/labels")
+    if (dicom := _from_dicom_folders(path)) is not None:
+        return _finish(dicom, regex, "DICOM folders")
     raise InputError(path, "is not a known data set layout",
                      "a folder with dataset.json (MSD or nnU-Net v2), manifest.csv, or images/ and labels/ sub-folders")
 
@@ -333,6 +351,19 @@ def _from_folders(root: Path, img_dir: Path, lab_dir: Path, file_ending: str | N
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _from_dicom_folders(root: Path) -> tuple[Manifest, bool] | None:
+    """Case folders each holding a DICOM series and its SEG/RTSTRUCT (:func:`medseg.data.dicom_labels.dicom_folder_cases`)."""
+    from medseg.data.dicom_labels import dicom_folder_cases
+
+    found = dicom_folder_cases(root)
+    if found is None:
+        return None
+    meta = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+    cases = [Case(cid, "", [image], label) for cid, image, label in found]
+    labels, channels = _labels_and_channels(meta, root / "dataset.json")
+    return Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, 3, []), False
+
+
 def _finish(built: tuple[Manifest, bool], regex: re.Pattern | None, layout: str) -> Manifest:
     man, has_patients = built
     man.cases.sort(key=lambda c: c.case_id)

@@ -38,14 +38,14 @@ def label_classes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
     Raises:
         InputError: a label map cannot be read.
     """
-    from medseg.io import read_volume
+    from medseg.data.dicom_labels import read_label
 
     out: dict[str, tuple[int, ...]] = {}
     for case in manifest.cases:
         if case.label is None:
             out[case.case_id] = ()
             continue
-        values = np.unique(read_volume(case.label).array)
+        values = np.unique(read_label(case.label, case.label_names, case.images).array)
         out[case.case_id] = tuple(int(v) for v in values if v != 0)
     return out
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError, InputError
+from medseg.inference.dicom_output import DICOM_FORMATS, mask_file_name, write_dicom_mask
 from medseg.io.atomic import TMP_MARKER, atomic_path
 
 __all__ = ["CaseInput", "CaseResult", "discover_cases", "shard_cases", "parse_shard", "output_paths",
@@ -174,7 +175,7 @@ def shard_cases(cases: Sequence[CaseInput], shard: tuple[int, int] | None) -> li
 def output_paths(out_dir: Path, case_id: str, *, output_format: str = "nifti", probabilities: bool = False,
                  uncertainty: bool = False) -> dict[str, Path]:
     """Output files of a case: ``mask`` (always, written last), ``probabilities`` and ``uncertainty`` if asked."""
-    out = {"mask": out_dir / (f"{case_id}.dcm" if output_format == "dicom-seg" else f"{case_id}.nii.gz")}
+    out = {"mask": out_dir / mask_file_name(case_id, output_format)}
     if probabilities:
         out["probabilities"] = out_dir / f"{case_id}_probabilities.nii.gz"
     if uncertainty:
@@ -200,18 +201,20 @@ def _one_line(exc: BaseException) -> str:
 
 def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Path, *,
                   output_format: str = "nifti", probabilities: bool = False, uncertainty: bool = False,
-                  overwrite: bool = False, on_case: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                  overwrite: bool = False, on_case: Callable[[CaseResult], None] | None = None,
+                  strict_geometry: bool = False) -> list[CaseResult]:
     """Predict every case, writing its outputs atomically; never raises for a single case's failure.
 
     Args:
         predictor: a :class:`medseg.inference.Predictor` (anything with ``predict_full``).
         cases: from :func:`discover_cases` / :func:`shard_cases`.
         out_dir: output folder (created).
-        output_format: ``"nifti"`` or ``"dicom-seg"`` (DICOM inputs only).
+        output_format: ``"nifti"``, ``"dicom-seg"`` or ``"rtstruct"`` (the last two for DICOM inputs only).
         probabilities: also write ``CASE_probabilities.nii.gz`` (K channels, float32).
         uncertainty: also write ``CASE_uncertainty.nii.gz`` (predictive entropy, nats).
         overwrite: predict cases whose outputs already exist (default: skip them).
         on_case: called with each :class:`CaseResult` as soon as it is known (progress, printing).
+        strict_geometry: fail tilted or unevenly spaced DICOM series instead of resampling them.
 
     Returns:
         One result per case, in order.
@@ -222,8 +225,8 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
     from medseg.io.nifti import write_nifti
     from medseg.transforms.case import load_case
 
-    if output_format not in ("nifti", "dicom-seg"):
-        raise ConfigError("--output-format", output_format, "'nifti' or 'dicom-seg'")
+    if output_format != "nifti" and output_format not in DICOM_FORMATS:
+        raise ConfigError("--output-format", output_format, "'nifti', 'dicom-seg' or 'rtstruct'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -236,21 +239,18 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         else:
             _remove_stale_temporaries(out_dir, paths)
             try:
-                if output_format == "dicom-seg" and case.kind != "dicom":
-                    raise InputError(case.images[0], "is not a DICOM series", "DICOM input for --output-format "
-                                                                              "dicom-seg (or use nifti)")
-                image, _ = load_case(case.images)
+                if output_format in DICOM_FORMATS and case.kind != "dicom":
+                    raise InputError(case.images[0], "is not a DICOM series", f"DICOM input for --output-format "
+                                                                              f"{output_format} (or use nifti)")
+                image, _ = load_case(case.images, strict_geometry=strict_geometry)
                 pred = predictor.predict_full(image, probabilities=probabilities, uncertainty=uncertainty)
                 if probabilities:
                     write_nifti(pred.probabilities, paths["probabilities"], dtype="float32")
                 if uncertainty:
                     write_nifti(pred.uncertainty, paths["uncertainty"], dtype="float32")
-                if output_format == "dicom-seg":
-                    from medseg.io.dicom_seg import write_dicom_seg
-
-                    labels = {k: v for k, v in predictor.labels.items() if k != 0}
-                    write_dicom_seg(pred.label, case.images[0], paths["mask"], labels,
-                                    series_uid=image.meta.get("series_uid"))
+                if output_format in DICOM_FORMATS:
+                    write_dicom_mask(output_format, pred.label, case.images[0], paths["mask"], predictor,
+                                     series_uid=image.meta.get("series_uid"))
                 else:
                     write_nifti(pred.label, paths["mask"], dtype=pred.label.array.dtype)
                 res = CaseResult(case.case_id, "written", outputs=[p.name for p in paths.values()])

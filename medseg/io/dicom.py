@@ -15,10 +15,12 @@ and medseg's RAS affine is ``diag(-1, -1, 1, 1) @ affine_lps`` (:data:`medseg.io
 signs of the first two world rows change; voxel order and array are untouched. SimpleITK's ``(z, y, x)`` array is
 transposed to ``(x, y, z)``.
 
-Refused explicitly (each an :class:`~medseg.errors.InputError`): gantry tilt (slice positions not along the
-normal), irregular spacing (missing slices), slices with different orientation, size or pixel spacing, several
-images at one position (echoes, phases), multi-frame objects. Accepted: slice gaps (the spacing is the distance
-between slice centres, not SliceThickness), one-slice series, oblique orientations.
+Refused explicitly (each an :class:`~medseg.errors.InputError`): slices with different orientation, size or pixel
+spacing, several images at one position (echoes, phases). Gantry tilt (slice positions not along the normal) and
+irregular spacing (missing slices) are resampled onto a regular grid with a warning (:mod:`medseg.io.dicom_geometry`),
+or refused with ``strict_geometry=True``. An enhanced multi-frame object (one file) is read by
+:mod:`medseg.io.dicom_multiframe`. Accepted: slice gaps (the spacing is the distance between slice centres, not
+SliceThickness), one-slice series, oblique orientations.
 
 Volume.meta of a DICOM volume holds ``series_uid``, ``modality``, ``series_description``, ``source_files`` and
 ``sop_instance_uids`` (both in slice order), which is what a DICOM-SEG needs to reference the series. It never
@@ -36,9 +38,11 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import TMP_MARKER
+from medseg.io.dicom_geometry import IrregularSlices, SliceStack, resample_irregular
 from medseg.io.volume import LPS_TO_RAS, Volume
 
-__all__ = ["SeriesInfo", "list_dicom_series", "read_dicom_series", "series_geometry", "NON_IMAGE_MODALITIES"]
+__all__ = ["SeriesInfo", "list_dicom_series", "read_dicom_series", "series_geometry", "headers_geometry",
+           "NON_IMAGE_MODALITIES"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +207,24 @@ def series_geometry(files: list[Path] | tuple[Path, ...], where: str | Path) -> 
             raise InputError(f, f"is a multi-frame (enhanced) DICOM object with {int(ds.NumberOfFrames)} frames",
                              "a classic series of single-frame images (enhanced multi-frame is not supported)")
         headers.append((Path(f), ds))
+    return headers_geometry(headers, where)
+
+
+def headers_geometry(headers: list, where: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """:func:`series_geometry` of already read ``(name, header)`` pairs (also a multi-frame object's frames).
+
+    Args:
+        headers: ``(path or frame name, dataset with Rows, Columns, PixelSpacing, ImageOrientationPatient,
+            ImagePositionPatient)`` pairs, any order.
+        where: the folder or file, for error messages.
+
+    Returns:
+        As :func:`series_geometry`.
+
+    Raises:
+        InputError: as :func:`series_geometry`; :class:`~medseg.io.dicom_geometry.IrregularSlices` for gantry tilt
+            and uneven spacing.
+    """
     first_path, first = headers[0]
     size = (first.get("Rows"), first.get("Columns"))
     for f, ds in headers[1:]:
@@ -246,20 +268,26 @@ def series_geometry(files: list[Path] | tuple[Path, ...], where: str | Path) -> 
         if dup:
             raise InputError(where, f"has {dup + 1} or more images at the same slice position (several echoes, phases "
                              "or time points in one series?)", "one image per slice position")
+        stack = SliceStack([f for f, _ in ordered], np.array(positions), row, col, ps,
+                           [str(ds.get("SOPInstanceUID", "")) for _, ds in ordered])
         tilt = float(ordered[0][1].get("GantryDetectorTilt", 0) or 0)
         for p, d in zip(positions, dist):
             off = p - positions[0]
             inplane = np.linalg.norm(off - (off @ normal) * normal)
             if inplane > _POS_TOL + 2e-3 * abs(d - dist[0]) or abs(tilt) > 1e-3:
                 angle = np.degrees(np.arctan2(inplane, abs(d - dist[0]))) if inplane else tilt
-                raise InputError(where, f"has gantry tilt (slice positions lie {angle:.2f} degrees off the slice "
-                                 "normal)", "an untilted series (resample it first, e.g. dcm2niix or Slicer)")
+                stack.what = f"gantry tilt of {angle:.2f} degrees"
+                raise IrregularSlices(where, f"has gantry tilt (slice positions lie {angle:.2f} degrees off the "
+                                      "slice normal)", "an untilted series (or read without --strict-geometry to "
+                                      "resample it onto a regular grid)", stack)
         dz = (dist[-1] - dist[0]) / (n - 1)
         if np.max(np.abs(steps - dz)) > max(_POS_TOL, 0.01 * dz):
             k = int(np.argmax(np.abs(steps - dz)))
-            raise InputError(where, f"has irregular slice spacing ({steps.min():.4g} to {steps.max():.4g} mm; the "
-                             f"step after slice {k} is {steps[k]:.4g} mm, the mean {dz:.4g} mm): missing slices?",
-                             "a complete series with evenly spaced slices")
+            stack.what = f"uneven slice spacing ({steps.min():.4g} to {steps.max():.4g} mm)"
+            raise IrregularSlices(where, f"has irregular slice spacing ({steps.min():.4g} to {steps.max():.4g} mm; "
+                                  f"the step after slice {k} is {steps[k]:.4g} mm, the mean {dz:.4g} mm): missing "
+                                  "slices?", "a complete series with evenly spaced slices (or read without "
+                                  "--strict-geometry to resample it onto a regular grid)", stack)
     else:
         ds = ordered[0][1]
         dz = float(ds.get("SpacingBetweenSlices", 0) or 0) or float(ds.get("SliceThickness", 0) or 0) or 1.0
@@ -272,12 +300,17 @@ def series_geometry(files: list[Path] | tuple[Path, ...], where: str | Path) -> 
     return [f for f, _ in ordered], affine, sops
 
 
-def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume:
+def read_dicom_series(path: str | Path, series_uid: str | None = None, *, strict_geometry: bool = False,
+                      stack: str | None = None) -> Volume:
     """Read one DICOM image series into a 3D :class:`Volume` (RAS affine; see the module docstring).
 
     Args:
         path: a folder (searched recursively) or a single DICOM file (read as a one-slice series).
         series_uid: SeriesInstanceUID to read; required when the folder holds several image series.
+        strict_geometry: refuse gantry-tilted and unevenly spaced series (default: resample them onto a regular
+            grid with a warning, :mod:`medseg.io.dicom_geometry`).
+        stack: for an enhanced multi-frame object holding several stacks or dimensions (echoes, time points), the
+            one to read (:mod:`medseg.io.dicom_multiframe`).
 
     Returns:
         A ``(C, columns, rows, slices)`` Volume (C = 1, or 3 for RGB), with DICOM references in ``meta``.
@@ -297,10 +330,25 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume
         if not is_img:
             raise InputError(path, f"is a {kind} object, not an image", "a DICOM image")
         info = SeriesInfo(str(ds.SeriesInstanceUID), str(ds.get("SeriesDescription", "") or ""),
-                          str(ds.get("Modality", "") or ""), 1, (path,), True, "image")
+                          str(ds.get("Modality", "") or ""), int(ds.get("NumberOfFrames", 1) or 1), (path,), True,
+                          "image")
     else:
         info = _select_series(path, list_dicom_series(path), series_uid)
-    files, affine_lps, sops = series_geometry(info.files, path)
+    if len(info.files) == 1 and info.num_slices > 1:
+        from medseg.io.dicom_multiframe import read_multiframe
+
+        return read_multiframe(info.files[0], stack=stack, strict_geometry=strict_geometry)
+    if stack is not None:
+        raise InputError(path, f"is a classic series of {len(info.files)} single-frame images",
+                         "no --stack (it chooses a stack of an enhanced multi-frame file)")
+    irregular = None
+    try:
+        files, affine_lps, sops = series_geometry(info.files, path)
+    except IrregularSlices as exc:
+        if strict_geometry:
+            raise
+        irregular = exc.geometry
+        files, affine_lps, sops = irregular.files, np.eye(4), []
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     try:
@@ -315,7 +363,11 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume
         array = np.transpose(arr, (3, 2, 1, 0))
     else:
         array = np.transpose(arr, (2, 1, 0))[None]
-    if len(files) > 1:
+    note = None
+    if irregular is not None:
+        array, affine_lps, note = resample_irregular(array, irregular)
+        log.warning("%s: %s", path, note)
+    elif len(files) > 1:
         itk_origin = np.array(img.GetOrigin())
         if not np.allclose(itk_origin, affine_lps[:3, 3], atol=1e-3):
             log.debug("SimpleITK origin %s differs from the IPP-derived origin %s", itk_origin, affine_lps[:3, 3])
@@ -328,6 +380,8 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume
         "source_files": [str(f) for f in files],
         "sop_instance_uids": sops,
     }
+    if note is not None:
+        meta["geometry_note"] = note  # resampled: voxels no longer are the slices' pixels (no SOP references)
     log.debug("read DICOM series: %d slices of %s", len(files), info.modality)
     return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ affine_lps, 3, meta)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError
+from medseg.io.dicom_source import copyable_headers, labelled_source, source_series
 from medseg.io.volume import LPS_TO_RAS, Volume
 
 __all__ = ["write_dicom_seg", "read_dicom_seg", "is_dicom_seg"]
@@ -44,22 +45,9 @@ def is_dicom_seg(path: str | Path) -> bool:
     return ds is not None and str(ds.get("Modality", "")).upper() == "SEG"
 
 
-def _source_series(source_dir: Path, series_uid: str | None):
-    from medseg.io.dicom import _select_series, list_dicom_series, series_geometry
-
-    info = _select_series(source_dir, list_dicom_series(source_dir), series_uid)
-    files, affine_lps, _ = series_geometry(info.files, source_dir)
-    return info, files, affine_lps
-
-
-#: Type-2 attributes of the Patient and General Study modules, which highdicom copies from the source images.
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
 def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, labels: dict[int, str], *,
                     series_uid: str | None = None, series_description: str = "medseg segmentation",
-                    series_number: int = 300) -> None:
+                    series_number: int = 300, colors: dict | None = None, codes: dict | None = None) -> None:
     """Write a label map as a BINARY DICOM-SEG that references the source image series, atomically.
 
     Args:
@@ -71,45 +59,23 @@ def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, lab
             image series.
         series_description: SeriesDescription of the new SEG series.
         series_number: SeriesNumber of the new SEG series.
+        colors: optional label value -> RGB display colour (RecommendedDisplayCIELabValue); default a palette.
+        codes: optional label value -> ``{"type": concept, "category": concept}``
+            (:mod:`medseg.io.label_style`); default the generic concept "Tissue".
 
     Raises:
         InputError: the label is not on the source grid, holds values missing from ``labels``, or the source
             series cannot be used.
+        ConfigError: malformed ``colors`` or ``codes``.
     """
     import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as dcm_codes
 
     from medseg import __version__
     from medseg.io.atomic import atomic_path
-
     source_dir = Path(source_dir)
-    where = label.meta.get("source", "label")
-    uid = series_uid or label.meta.get("series_uid")
-    info, files, affine_lps = _source_series(source_dir, uid)
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    grid = (int(first.Columns), int(first.Rows), len(files))
-    if label.spatial_dims != 3 or label.channels != 1:
-        raise InputError(where, f"is a {label.spatial_dims}D volume with {label.channels} channels",
-                         "a 3D one-channel label map")
-    if label.shape != grid or not np.allclose(label.affine, LPS_TO_RAS @ affine_lps, atol=1e-3):
-        raise InputError(where, f"is not on the grid of source series {info.uid} (label {label.shape}, source {grid}"
-                         f", max affine difference {np.abs(label.affine - LPS_TO_RAS @ affine_lps).max():.3g} mm)",
-                         "a label map with the source series' shape and affine (resample it onto the source first)")
-    arr = np.asarray(label.array[0])
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        if not np.array_equal(arr, np.round(arr)):
-            raise InputError(where, f"holds non-integer values ({arr.dtype})", "an integer label map")
-    arr = arr.astype(np.int64)
-    values = sorted(int(v) for v in labels if int(v) != 0)
-    present = {int(v) for v in np.unique(arr)} - {0}
-    unknown = sorted(present - set(values))
-    if unknown:
-        raise InputError(where, f"holds label values {unknown} that have no name in labels={labels}",
-                         "a name for every label value")
-    if not values:
-        raise InputError(where, "has no labels to write (labels names only the background)",
-                         "at least one foreground label, e.g. {1: 'tumour'}")
+    source, arr, styles = labelled_source(label, source_dir, labels, colors, codes, series_uid)
+    values = [s.value for s in styles]
     lut = np.zeros(max(max(values), int(arr.max(initial=0))) + 1, dtype=np.uint16)
     for number, value in enumerate(values, start=1):
         lut[value] = number
@@ -117,21 +83,17 @@ def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, lab
     dtype = np.uint8 if len(values) < 256 else np.uint16
     pixel_array = np.ascontiguousarray(np.transpose(seg_numbers, (2, 1, 0)).astype(dtype))  # (frames, rows, cols)
     algorithm = hd.AlgorithmIdentificationSequence(name="medseg", version=__version__,
-                                                   family=codes.cid7162.ArtificialIntelligence)
+                                                   family=dcm_codes.cid7162.ArtificialIntelligence)
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=number, segment_label=str(labels[value])[:64],
-            segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
-        for number, value in enumerate(values, start=1)
+            segment_number=number, segment_label=style.name[:64],
+            segmented_property_category=style.category.as_pydicom(),
+            segmented_property_type=style.type.as_pydicom(),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*style.color))
+        for number, style in enumerate(styles, start=1)
     ]
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    for ds in sources:  # anonymised series often drop type-2 patient/study attributes that the SEG must copy;
-        for keyword in _TYPE2_COPIED:  # add them empty to the in-memory copy (the user's files are untouched)
-            if keyword not in ds:
-                setattr(ds, keyword, "")
-        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet or "").strip():
-            del ds.SpecificCharacterSet  # an empty value means the default repertoire; highdicom rejects ''
+    sources = copyable_headers(source)
     with warnings.catch_warnings():
         # highdicom warns about odd person names by quoting the name itself: no patient name may reach a log
         warnings.filterwarnings("ignore", message=".*person name.*")
@@ -149,7 +111,7 @@ def write_dicom_seg(label: Volume, source_dir: str | Path, path: str | Path, lab
                              "a DICOM image series with complete patient, study and series modules") from None
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
-    log.info("wrote a DICOM-SEG with %d segment(s) over %d frames", len(values), len(files))
+    log.info("wrote a DICOM-SEG with %d segment(s) over %d frames", len(values), len(source.files))
 
 
 def read_dicom_seg(path: str | Path, source_dir: str | Path | None = None) -> tuple[Volume, dict[int, str]]:
@@ -192,19 +154,16 @@ def read_dicom_seg(path: str | Path, source_dir: str | Path | None = None) -> tu
     meta = {"source": str(path), "format": "dicom-seg", "segments": {str(k): v for k, v in names.items()},
             "series_uid": str(ref) if ref else None}
     if source_dir is not None:
-        info, files, affine_lps = _source_series(Path(source_dir), str(ref) if ref else None)
-        import pydicom
-
-        first = pydicom.dcmread(files[0], stop_before_pixels=True)
-        full = np.zeros((int(first.Columns), int(first.Rows), len(files)), dtype=arr.dtype)
-        idx = np.linalg.solve(affine_lps, aff)  # seg voxel -> source voxel
+        src = source_series(Path(source_dir), str(ref) if ref else None)
+        full = np.zeros(src.shape, dtype=arr.dtype)
+        idx = np.linalg.solve(src.affine_lps, aff)  # seg voxel -> source voxel
         offset = np.rint(idx[:3, 3]).astype(int)
         if not (np.allclose(idx[:3, :3], np.eye(3), atol=1e-3) and np.allclose(idx[:3, 3], offset, atol=1e-2)
                 and np.all(offset >= 0) and np.all(offset + arr.shape <= full.shape)):
-            raise InputError(path, f"frames do not lie on the grid of source series {info.uid}",
+            raise InputError(path, f"frames do not lie on the grid of source series {src.uid}",
                              "a DICOM-SEG made from this source series")
         i, j, k = offset
         full[i:i + arr.shape[0], j:j + arr.shape[1], k:k + arr.shape[2]] = arr
-        arr, aff = full, affine_lps
-        meta["series_uid"] = info.uid
+        arr, aff = full, src.affine_lps
+        meta["series_uid"] = src.uid
     return Volume(np.ascontiguousarray(arr)[None], LPS_TO_RAS @ aff, 3, meta), names

@@ -31,14 +31,17 @@ def format_of(path: str | Path) -> str:
 
 
 def read_volume(path: str | Path, *, spatial_dims: int | None = None, max_channels: int | None = None,
-                **kwargs) -> Volume:
+                strict_geometry: bool = False, **kwargs) -> Volume:
     """Read any supported image into a :class:`Volume` (format chosen from the path).
 
     Args:
-        path: file, or folder holding a DICOM series (a ``.dcm`` DICOM-SEG file is read as a label map).
+        path: file, or folder holding a DICOM series (a ``.dcm`` DICOM-SEG or RTSTRUCT file is read as a label map;
+            an RTSTRUCT's referenced series must be in its folder or given as ``source_dir``).
         spatial_dims: if given (2 or 3), refuse images with another number of spatial dimensions.
         max_channels: if given, refuse images with more channels (e.g. ``1`` refuses a 4D NIfTI where a 3D image is
             expected).
+        strict_geometry: refuse gantry-tilted or unevenly spaced DICOM series instead of resampling them
+            (ignored for other formats).
         **kwargs: passed to the format's reader (e.g. ``series_uid`` for DICOM, ``spacing`` for PNG).
 
     Returns:
@@ -48,7 +51,7 @@ def read_volume(path: str | Path, *, spatial_dims: int | None = None, max_channe
         InputError: missing, unreadable or invalid input, or an image that does not meet the expectations, with a
             one-line explanation.
     """
-    volume = _read(Path(path), **kwargs)
+    volume = _read(Path(path), strict_geometry, **kwargs)
     _check_expectations(volume, Path(path), spatial_dims, max_channels)
     return volume
 
@@ -67,7 +70,7 @@ def _check_expectations(volume: Volume, path: Path, spatial_dims: int | None, ma
                          what)
 
 
-def _read(p: Path, **kwargs) -> Volume:
+def _read(p: Path, strict_geometry: bool, **kwargs) -> Volume:
     if not p.exists():
         raise InputError(p, "does not exist")
     fmt = format_of(p)
@@ -88,9 +91,13 @@ def _read(p: Path, **kwargs) -> Volume:
 
         if is_dicom_seg(p):
             return read_dicom_seg(p, **kwargs)[0]
+        from medseg.io.rtstruct import is_rtstruct, read_rtstruct
+
+        if is_rtstruct(p):
+            return read_rtstruct(p, strict_geometry=strict_geometry, **kwargs)[0]
     from medseg.io.dicom import read_dicom_series
 
-    return read_dicom_series(p, **kwargs)
+    return read_dicom_series(p, strict_geometry=strict_geometry, **kwargs)
 
 
 def write_volume(volume: Volume, path: str | Path, **kwargs) -> None:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 SAMPLES_PER_CASE = 10_000
 
 
-def case_fingerprint(images: list, label: Any, num_classes: int, seed: int = 0) -> dict[str, Any]:
+def case_fingerprint(images: list, label: Any, num_classes: int, seed: int = 0, label_names: Any = None
+                     ) -> dict[str, Any]:
     """Fingerprint of one case.
 
     Args:
@@ -32,12 +33,13 @@ def case_fingerprint(images: list, label: Any, num_classes: int, seed: int = 0) 
         label: label file or None (intensity statistics then use the nonzero region).
         num_classes: number of label values (``max label + 1``) to count.
         seed: seed of the foreground voxel sampling.
+        label_names: name mapping of a DICOM-SEG / RTSTRUCT label (the case's ``label_names``).
 
     Returns:
         dict with ``spacing``, ``shape``, ``cropped_shape``, ``crop_fraction``, ``fg_samples`` (list per channel),
         ``class_counts`` and ``spatial_dims``.
     """
-    image, seg = load_case(list(images), label)
+    image, seg = load_case(list(images), label, label_names)
     arr, affine, _ = to_ras(image.array, image.affine, image.spatial_dims)
     spacing = np.linalg.norm(affine[:3, : image.spatial_dims], axis=0)
     nonzero = np.any(arr != 0, axis=0)
@@ -102,7 +104,8 @@ def fingerprint(manifest: Any, *, max_cases: int | None = None, seed: int = 0) -
     num_classes = max(labels) + 1 if labels else 2
     per_case = []
     for i, case in enumerate(cases):
-        fp = case_fingerprint(case.images, case.label, num_classes, seed=seed + i)
+        fp = case_fingerprint(case.images, case.label, num_classes, seed=seed + i,
+                              label_names=getattr(case, "label_names", None))
         if per_case and fp["spatial_dims"] != per_case[0]["spatial_dims"]:
             raise InputError(case.images[0], f"is {fp['spatial_dims']}D while earlier cases are "
                                              f"{per_case[0]['spatial_dims']}D", "one dimensionality per data set")

@@ -138,6 +138,8 @@ class PipelineConfig:
     plan: Path | None = None  # an existing plan.json; default: planned from the data
     recipe: str | None = None  # which training recipe filled the options the YAML left out, and why
     train: TrainConfig = field(default_factory=TrainConfig)
+    # other names of declared labels in DICOM-SEG / RTSTRUCT label files: {liver: [Leber, LIVER_auto]}
+    label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) for config.yaml in the run folder."""
@@ -202,7 +204,15 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         plan=_path(data.get("plan"), base),
         recipe=data.get("recipe"),
         train=train,
+        label_aliases=_label_aliases(data.get("label_aliases")),
     )
+
+
+def _label_aliases(value: Any) -> dict[str, tuple[str, ...]]:
+    """The YAML's ``label_aliases`` (shape only; checked against the data set's labels when the manifest loads)."""
+    from medseg.data.dicom_labels import parse_label_aliases
+
+    return parse_label_aliases(value, where="label_aliases")
 
 
 def load_pipeline(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

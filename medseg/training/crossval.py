@@ -69,7 +69,7 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
         case = run.manifest.case(cid)
         if case.label is None:
             continue
-        image, ref = load_case(case.images, case.label)
+        image, ref = load_case(case.images, case.label, case.label_names)
         path = _pred_path(fold_dir, cid)
         if path.is_file():
             pred = read_volume(path)

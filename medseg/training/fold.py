@@ -98,7 +98,8 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
 
     p = pipeline
     run_dir = p.output
-    manifest = load_manifest(p.dataset, patient_regex=p.patient_regex, file_ending=p.file_ending)
+    manifest = load_manifest(p.dataset, patient_regex=p.patient_regex, file_ending=p.file_ending,
+                             label_aliases=p.label_aliases)
     unlabelled = [c.case_id for c in manifest.cases if c.label is None]
     if unlabelled:
         logger.warning("%d cases have no label and are left out of training: %s", len(unlabelled), unlabelled[:5])

@@ -20,12 +20,16 @@ __all__ = ["load_case", "load_image", "load_label", "to_ras", "from_ras", "ras_o
 log = logging.getLogger(__name__)
 
 
-def load_case(images: list[Path] | list[str], label: Path | str | None = None) -> tuple[Volume, Volume | None]:
+def load_case(images: list[Path] | list[str], label: Path | str | None = None, label_names: Any = None, *,
+              strict_geometry: bool = False) -> tuple[Volume, Volume | None]:
     """Read a case's channels (one file per channel, or one multi-channel file) and its label.
 
     Args:
         images: channel files in channel order (a single entry may itself hold several channels).
-        label: label map file, or ``None``.
+        label: label map file (a DICOM-SEG / RTSTRUCT too), or ``None``.
+        label_names: for a DICOM-SEG / RTSTRUCT label, the case's ``label_names``
+            (:class:`medseg.data.dicom_labels.LabelNames`), which maps its names to values.
+        strict_geometry: refuse tilted or unevenly spaced DICOM series instead of resampling them.
 
     Returns:
         ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
@@ -34,11 +38,13 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
         InputError: unreadable files, channels or label on a different grid than the first channel, or a label
             with non-integer values.
     """
-    image = load_image(images)
-    return image, (None if label is None else load_label(label, image, images[0]))
+    image = load_image(images, strict_geometry=strict_geometry)
+    if label is None:
+        return image, None
+    return image, load_label(label, image, images[0], label_names=label_names, source_images=images)
 
 
-def load_image(images: list[Path] | list[str]) -> Volume:
+def load_image(images: list[Path] | list[str], *, strict_geometry: bool = False) -> Volume:
     """Read a case's channel files into one channel-first float32 Volume (see :func:`load_case`).
 
     Raises:
@@ -46,7 +52,7 @@ def load_image(images: list[Path] | list[str]) -> Volume:
     """
     if not images:
         raise InputError(None, "a case has no image files", "at least one image per case")
-    vols = [read_volume(p) for p in images]
+    vols = [read_volume(p, strict_geometry=strict_geometry) for p in images]
     first = vols[0]
     for p, v in zip(images[1:], vols[1:]):
         if not v.same_geometry(first, atol=1e-3):
@@ -56,17 +62,22 @@ def load_image(images: list[Path] | list[str]) -> Volume:
     return Volume(arr, first.affine.copy(), first.spatial_dims, dict(first.meta))
 
 
-def load_label(label: Path | str, image: Volume | None = None, image_path: Path | str | None = None) -> Volume:
+def load_label(label: Path | str, image: Volume | None = None, image_path: Path | str | None = None, *,
+               label_names: Any = None, source_images: list[Path] | list[str] | None = None) -> Volume:
     """Read a label map as an int16 Volume, checked to be single-channel integers on ``image``'s grid.
 
     Args:
-        label: the label file.
+        label: the label file (a DICOM-SEG / RTSTRUCT is rasterised onto ``source_images``' series).
         image: its image (None: no grid check); image_path: named in the grid-mismatch message.
+        label_names: for DICOM labels, the mapping of segment / ROI names to values.
+        source_images: the case's image files (the series a DICOM label refers to).
 
     Raises:
         InputError: unreadable, several channels, another grid than ``image``, or non-integer values.
     """
-    lv = read_volume(label)
+    from medseg.data.dicom_labels import read_label
+
+    lv = read_label(label, label_names, [Path(p) for p in (source_images or ([image_path] if image_path else []))])
     if lv.channels != 1:
         raise InputError(label, f"label has {lv.channels} channels", "a single-channel integer label map")
     if image is not None and (lv.shape != image.shape or not np.allclose(lv.affine, image.affine, atol=1e-3)):
