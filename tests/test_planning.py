@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -275,20 +276,13 @@ def test_brain_like_files_get_zscore_nonzero(tmp_path):
     from medseg.data.manifest import load_manifest
 
     root = _write_msd(tmp_path / "ds", n=3)
-    for f in (root / "imagesTr").glob("*.nii.gz"):  # a small head in a big zero background
-        img = nib.load(f)
-        big = np.zeros((40, 48, 20), np.float32)
-        big[10:30, 12:36, 5:15] = np.asarray(img.dataobj)[:, :, :]
-        nib.save(nib.Nifti1Image(big[::2, ::2, ::2].repeat(2, 0).repeat(2, 1).repeat(2, 2)[:20, :24, :10]
-                                 * 0 + _brain(), img.affine), f)
+    rng = np.random.default_rng(0)
+    for f in (root / "imagesTr").glob("*.nii.gz"):  # a small "brain" on a zero background
+        brain = np.zeros((20, 24, 10), np.float32)
+        brain[5:15, 6:18, 2:8] = rng.normal(100, 10, (10, 12, 6))  # its nonzero box: 15% of the image
+        nib.save(nib.Nifti1Image(brain, nib.load(f).affine), f)
     plan = make_plan(fingerprint(load_manifest(root)))
-    assert plan.normalization[0].scheme == "zscore_nonzero"
-
-
-def _brain():
-    a = np.zeros((20, 24, 10), np.float32)
-    a[7:13, 8:16, 3:7] = 100.0  # the nonzero box keeps 6*8*4 / (20*24*10) = 4% of the image
-    return a
+    assert plan.normalization[0].scheme == "zscore_nonzero" and "15%" in plan.explain["normalization[0]"]
 
 
 def test_lowres_for_big_volumes_and_none_for_small():
@@ -411,9 +405,15 @@ def test_anisotropic_cases_in_different_orientations_keep_the_coarse_spacing(tmp
     assert full.spacing == pytest.approx([1.0, 1.0, 6.0], abs=0.05)  # not resampled to 1 mm
     assert full.network.kwargs["kernel_sizes"][0] == [3, 3, 1]
     assert plan.configurations["2d"].slice_axis == 2
-    # a single orientation keeps the RAS frame (what preprocessing has always applied)
-    single = make_plan({**fp, "spacings": [fp["spacings"][0]] * 3, "cropped_shapes": [fp["cropped_shapes"][0]] * 3})
-    assert single.configurations["3d_fullres"].frame == "ras"
+    # the same physical stack stored in three voxel orders: reorientation alone lines them up, the RAS frame stays
+    for i, order in enumerate([(0, 1, 2), (2, 0, 1), (1, 2, 0)]):
+        aff = np.eye(4)
+        aff[:3, :3] = _rotation(2, 8.0) @ np.diag([1.0, 1.0, 6.0])[:, list(order)]
+        for sub, arr in (("imagesTr", stack), ("labelsTr", lab)):
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.transpose(order)), aff), root / sub / f"case_{i}.nii.gz")
+    same = make_plan(fingerprint(load_manifest(root)))
+    assert same.configurations["3d_fullres"].frame == "ras" and "axis 2" in same.explain["frame"]
+    assert same.configurations["3d_fullres"].spacing == pytest.approx([1.0, 1.0, 6.0], abs=0.05)
 
 
 def test_gpu_plan_sizes_batch_from_the_step_estimator(monkeypatch):
@@ -460,3 +460,12 @@ def test_cli_plan_explain_and_json(tmp_path, capsys):
     data = json.loads(captured.out)
     assert [n["scheme"] for n in data["normalization"]] == ["zscore_nonzero"]  # the 16x18x8 box of 20x24x10
     assert data["explain"]["mirror_axes"] and "3d_fullres" in captured.err
+
+
+def test_dicom_modality_tag_reaches_the_fingerprint():
+    import pydicom
+
+    from medseg.planning.fingerprint import case_fingerprint
+
+    ct5n = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    assert case_fingerprint([ct5n], None)["dicom_modality"] == "CT"

@@ -230,9 +230,10 @@ def _mirror_axes(fp: dict[str, Any], perms: list[list[int]], names: list[str], d
                            f"{100 * side:.0f}% of {n} cases (median offset {med:+.2f} of the foreground half-extent)")
         else:
             _, _, name, med, side, n = worst
-            reasons.append(f"axis {a} mirrored: no class clearly on one side (largest lean: {name!r} median offset "
-                           f"{med:+.2f}, under {MIRROR_OFFSET:g}, or on one side in only {100 * side:.0f}% of {n} "
-                           f"cases)")
+            why = (f"under {MIRROR_OFFSET:g}" if abs(med) < MIRROR_OFFSET else
+                   f"but on that side in only {100 * side:.0f}% of {n} cases")
+            reasons.append(f"axis {a} mirrored: no class clearly on one side (largest lean: {name!r}, median offset "
+                           f"{med:+.2f} {why})")
             kept.append(a)
     return kept, "; ".join(reasons)
 
@@ -263,19 +264,21 @@ class _Sizer:
             return float(np.prod(patch)) * batch
         return estimate_training_memory(patch, topo, _features(len(topo.strides), self.device, dims), batch)
 
-    def fit_patch(self, median_shape: np.ndarray, spacing: list[float]) -> Topology:
-        """The largest patch (spacing's aspect, at most the median shape) whose analytic batch-2 cost fits."""
+    def fit_patch(self, median_shape: np.ndarray, spacing: list[float], scale: float = 1.0) -> Topology:
+        """The largest patch (spacing's aspect, at most the median shape) whose analytic batch-2 cost, times
+        ``scale`` (the step estimator's correction, on CUDA), fits."""
         dims = len(spacing)
         tmp = 1.0 / np.asarray(spacing, dtype=float)
         edge = 256.0 if dims == 3 else 2048.0
         initial = np.round(tmp * (edge**dims / np.prod(tmp)) ** (1.0 / dims))
         patch = [int(max(1, v)) for v in np.minimum(initial, np.ceil(median_shape))]
         topo = pool_and_conv_props(spacing, patch, 4, 5 if dims == 3 else 6)
-        while self.analytic_cost(topo.patch_size, topo, 2) > self.budget(dims):
-            topo = self._shrink(topo, median_shape, spacing)
-            if topo is None:
+        while self.analytic_cost(topo.patch_size, topo, 2) * scale > self.budget(dims):
+            smaller = self._shrink(topo, median_shape, spacing)
+            if smaller is None:
                 break
-        return topo if topo is not None else pool_and_conv_props(spacing, patch, 4, 5 if dims == 3 else 6)
+            topo = smaller
+        return topo
 
     def _shrink(self, topo: Topology, median_shape: np.ndarray, spacing: list[float]) -> Topology | None:
         dims = len(spacing)
@@ -306,7 +309,11 @@ class _Sizer:
         topo = self.fit_patch(median_shape, spacing)
         budget = self.budget(dims)
         step = self.device == "cuda" and self.memory_model == "step"
-        if step:  # the step estimator decides: shrink until batch 2 fits, then per-sample bytes give the batch
+        if step:  # the step estimator decides: its ratio to the analytic cost re-fits the patch, then shrink
+            # until its batch of 2 fits, then its per-sample bytes give the batch
+            ratio = self._step_bytes(self.network(topo, dims), topo.patch_size, 2) / max(
+                self.analytic_cost(topo.patch_size, topo, 2), 1.0)
+            topo = self.fit_patch(median_shape, spacing, scale=ratio)
             for _ in range(12):
                 net = self.network(topo, dims)
                 one = self._step_bytes(net, topo.patch_size, 1)
@@ -329,7 +336,7 @@ class _Sizer:
         if batch > cap:
             batch, bound = cap, f"the {self.device} maximum ({fits} fit {self.budget_text(dims)})"
         if batch < 2:
-            batch, bound = 2, f"the minimum of 2 ({fits} fit {self.budget_text(dims)})"
+            batch, bound = 2, f"the minimum of 2 ({bound})"
         net = self.network(topo, dims)
         if step:
             est = fixed + per_sample * batch
