@@ -469,3 +469,8 @@ def test_dicom_modality_tag_reaches_the_fingerprint():
 
     ct5n = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
     assert case_fingerprint([ct5n], None)["dicom_modality"] == "CT"
+
+
+def test_placeholder_channel_name_is_no_modality():
+    fp = _ct_fp(modality="channel_0", n=20)  # what a plain images/labels folder without dataset.json gives
+    assert make_plan(fp).normalization[0].scheme == "ct"

@@ -27,22 +27,32 @@ log = logging.getLogger(__name__)
 SAMPLES_PER_CASE = 10_000
 
 
+def _bounds(mask: np.ndarray) -> list[tuple[int, int]] | None:
+    """``[(first, last)]`` per axis of the True voxels (from per-axis projections), or None when there are none."""
+    out = []
+    for a in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a)))
+        if hit.size == 0:
+            return None
+        out.append((int(hit[0]), int(hit[-1])))
+    return out
+
+
 def _class_offsets(seg: np.ndarray, values: np.ndarray) -> dict[int, list[float]]:
     """Each foreground value's centroid relative to the foreground bounding box centre, per axis, in units of the
     box's half-extent (-1: at the low end of the axis, +1: at the high end)."""
-    fg = seg > 0
-    if not fg.any():
+    bounds = _bounds(seg > 0)
+    if bounds is None:
         return {}
-    idx = np.nonzero(fg)
-    lo = np.array([i.min() for i in idx], dtype=float)
-    hi = np.array([i.max() for i in idx], dtype=float)
-    centre, half = (lo + hi) / 2.0, np.maximum((hi - lo) / 2.0, 0.5)
+    box = seg[tuple(slice(lo, hi + 1) for lo, hi in bounds)]
+    lo = np.array([b[0] for b in bounds], dtype=float)
+    hi = np.array([b[1] for b in bounds], dtype=float)
+    centre, half = (hi - lo) / 2.0, np.maximum((hi - lo) / 2.0, 0.5)  # in the box's coordinates
     out = {}
     for v in values:
         if v <= 0:
             continue
-        pos = np.nonzero(seg == v)
-        centroid = np.array([p.mean() for p in pos], dtype=float)
+        centroid = np.array([p.mean() for p in np.nonzero(box == v)], dtype=float)
         out[int(v)] = [float(x) for x in (centroid - centre) / half]
     return out
 
@@ -72,9 +82,8 @@ def case_fingerprint(images: list, label: Any, seed: int = 0) -> dict[str, Any]:
     nonzero = np.any(arr != 0, axis=0)
 
     def box(mask: np.ndarray) -> list[int]:
-        if not mask.any():
-            return list(mask.shape)
-        return [int(i.max() - i.min() + 1) for i in np.nonzero(mask)]
+        bounds = _bounds(mask)
+        return list(mask.shape) if bounds is None else [hi - lo + 1 for lo, hi in bounds]
 
     cropped = box(nonzero)
     size = max(1, int(np.prod(arr.shape[1:])))

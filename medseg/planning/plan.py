@@ -164,7 +164,8 @@ def _normalization(fp: dict[str, Any], c: int) -> tuple[Normalization, str]:
                 f"{why}: clip to the foreground 0.5-99.5 percentiles [{clip[0]:.4g}, {clip[1]:.4g}], then "
                 f"foreground mean {st['mean']:.4g} / std {st['std']:.4g}")
 
-    named = name.strip().lower() not in ("", "unknown")
+    # "channel_0" is the manifest's placeholder for a channel that no dataset.json names
+    named = name.strip().lower() not in ("", "unknown") and not re.fullmatch(r"channel_\d+", name.strip())
     if named and _CT_NAME.fullmatch(name.strip().upper()):
         return ct(f"dataset.json names channel {c} {name!r}")
     if not named and tags:
