@@ -116,6 +116,9 @@ def test_plan_save_load_hash(tmp_path):
     changed_spacing = load_plan(path)
     changed_spacing.configurations["3d_fullres"].spacing = [1.5, 1.5, 1.5]
     assert plan_hash(changed_spacing) != h
+    changed_frame = load_plan(path)
+    changed_frame.configurations["3d_fullres"].frame = "acquisition"
+    assert plan_hash(changed_frame) != h  # preprocessing depends on the frame
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**plan.to_dict(), "schema_version": 99}))
     with pytest.raises(InputError, match="version"):

@@ -562,7 +562,8 @@ def plan_hash(plan: Plan) -> str:
         "version": plan.schema_version, "spatial_dims": plan.spatial_dims, "in_channels": plan.in_channels,
         "normalization": [n.to_dict() for n in plan.normalization],
         "manifest": plan.fingerprint.get("manifest_hash"),
-        "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis, "frame": c.frame}
+        "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis,
+                               **({"frame": c.frame} if c.frame != "ras" else {})}  # RAS plans keep their hash
                            for n, c in sorted(plan.configurations.items())},
     }
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
