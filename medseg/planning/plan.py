@@ -378,14 +378,14 @@ def _topology_text(topo: Topology, spacing: list[float]) -> str:
 
 
 def _lowres(sizer: _Sizer, full: Configuration, median_shape: np.ndarray, spacing: list[float]
-            ) -> tuple[Configuration | None, str]:
+            ) -> tuple[Configuration | None, dict[str, str]]:
     """nnU-Net's low-resolution stage: coarsen the spacing (3% a step; while anisotropic only the fine axes)
     until the fitted patch covers at least :data:`LOWRES_COVERAGE` of the median image at that spacing."""
     full_voxels = float(np.prod(np.maximum(median_shape, 1)))
     cover = float(np.prod(full.patch_size)) / full_voxels
     if cover >= LOWRES_COVERAGE:
-        return None, (f"not planned: the 3d_fullres patch covers {100 * min(cover, 1):.0f}% of the median image "
-                      f"(>= {100 * LOWRES_COVERAGE:.1f}%)")
+        return None, {"": (f"not planned: the 3d_fullres patch covers {100 * min(cover, 1):.0f}% of the median "
+                           f"image (>= {100 * LOWRES_COVERAGE:.1f}%)")}
     low = np.asarray(spacing, dtype=float).copy()
     for _ in range(400):
         coarse = low.max() / low > 2
@@ -398,13 +398,15 @@ def _lowres(sizer: _Sizer, full: Configuration, median_shape: np.ndarray, spacin
         if np.prod(topo.patch_size) / np.prod(np.maximum(shape, 1)) >= LOWRES_COVERAGE:
             break
     if 2 * np.prod(shape) > full_voxels:
-        return None, "not planned: the low-resolution image would be less than 2x smaller than the full-resolution one"
-    cfg, _ = sizer.fit(shape, [float(v) for v in low])
+        return None, {"": "not planned: the low-resolution image would be less than 2x smaller than the full-resolution "
+                          "one"}
+    cfg, why = sizer.fit(shape, [float(v) for v in low])
     c2 = float(np.prod(cfg.patch_size) / np.prod(np.maximum(shape, 1)))
-    return cfg, (f"planned: the 3d_fullres patch covers only {100 * cover:.1f}% of the median image (< "
-                 f"{100 * LOWRES_COVERAGE:.1f}%); at spacing {' x '.join(f'{v:.3g}' for v in low)} mm the patch "
-                 f"{_x(cfg.patch_size)} covers {100 * min(c2, 1):.0f}% of the median image "
-                 f"{_x([int(round(v)) for v in shape])}")
+    why[""] = (f"planned: the 3d_fullres patch covers only {100 * cover:.1f}% of the median image (< "
+               f"{100 * LOWRES_COVERAGE:.1f}%); at spacing {' x '.join(f'{v:.3g}' for v in low)} mm the patch "
+               f"{_x(cfg.patch_size)} covers {100 * min(c2, 1):.0f}% of the median image "
+               f"{_x([int(round(v)) for v in shape])}")
+    return cfg, why
 
 
 def gpu_memory_gb() -> tuple[float | None, str]:
@@ -502,7 +504,8 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
         configs["3d_fullres"] = full
         explain.update({f"3d_fullres.{k}": v for k, v in why.items()})
         low, low_why = _lowres(sizer, full, median_shape, target)
-        explain["3d_lowres"] = low_why
+        explain.update({"3d_lowres" + (f".{k}" if k else ""): v
+                        for k, v in sorted(low_why.items(), key=lambda kv: kv[0] != "")})  # the summary first
         if low is not None:
             configs["3d_lowres"] = low
             explain["3d_cascade_fullres"] = ("not planned: training a cascade (the 3d_lowres prediction as extra "
