@@ -1,9 +1,10 @@
 """Fingerprint -> plan: target spacing, normalisation, configurations (patch, batch, network), mirror axes.
 
-The plan is plain, versioned JSON; everything downstream (preprocessing, loader, trainer, inference) reads it.
-Patch and batch are fitted to a budget: on ``device="cuda"`` an estimate of training activation memory against
-``memory_gb`` (default 8 GB); on ``device="cpu"`` a compute budget in voxels per batch, sized so one bf16 training
-step of the small CPU network takes about a second on a 2-core AVX512 machine.
+The plan is plain, versioned JSON; everything downstream (preprocessing, loader, trainer, inference) reads it, and
+``plan.explain`` records, for each choice, the fact that decided it (docs/planning.md). Patch and batch are fitted
+to a budget: on ``device="cuda"`` the GPU's free memory (or ``memory_gb``, default 11 GB without a GPU), checked with
+the step-memory estimator of :mod:`medseg.networks.memory`; on ``device="cpu"`` a compute budget in voxels per
+batch, sized so one bf16 training step of the small CPU network takes about a second on a 2-core AVX512 machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, N
 from medseg.planning.topology import Topology, pool_and_conv_props
 
 __all__ = ["make_plan", "save_plan", "load_plan", "plan_hash", "target_spacing", "estimate_training_memory",
-           "PLAN_VERSION"]
+           "acquisition_permutation", "gpu_memory_gb", "PLAN_VERSION", "DEFAULT_GPU_MEMORY_GB"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,18 @@ CPU_BATCH_VOXELS = {3: 750_000, 2: 2_000_000}
 #: Feature widths: (first stage, cap) per device and dimensionality.
 FEATURES = {("cpu", 3): (16, 128), ("cpu", 2): (16, 256), ("cuda", 3): (32, 320), ("cuda", 2): (32, 512)}
 MAX_BATCH = {("cpu", 3): 8, ("cpu", 2): 64, ("cuda", 3): 64, ("cuda", 2): 512}
+#: GPU memory budget of a CUDA plan when no device is visible and none is given (GB; an 11 GB card is common).
+DEFAULT_GPU_MEMORY_GB = 11.0
+#: Share of the GPU budget a plan fills (the estimators leave out allocator caching and cuDNN workspaces).
+GPU_MEMORY_MARGIN = 0.85
+#: A case is anisotropic (planned in its acquisition frame) when its coarsest axis exceeds this x its finest.
+COARSE_RATIO = 2.0
+#: Plan ``3d_lowres`` when the full-resolution patch covers less than this share of the median image.
+LOWRES_COVERAGE = 1 / 8
+#: Mirror-axis statistic (see :func:`_mirror_axes`).
+MIRROR_OFFSET, MIRROR_CONSISTENCY, MIRROR_MIN_CASES = 0.3, 0.8, 3
+#: A non-CT channel is z-scored inside its nonzero mask when its nonzero box keeps less than this share.
+NONZERO_CROP_FRACTION = 0.75
 #: Bytes of activation memory per (voxel x feature) in one training step with AMP (calibrated so that nnU-Net's
 #: default 128^3 x 2, 32-320 fits about 8 GB).
 BYTES_PER_ACTIVATION = 44.0
@@ -88,125 +102,458 @@ def _features(n_stages: int, device: str, dims: int) -> list[int]:
     return [int(min(base * 2**i, cap)) for i in range(n_stages)]
 
 
-def _fit(median_shape: np.ndarray, spacing: list[float], device: str, memory_gb: float,
-         dataset_voxels: float) -> Configuration:
-    dims = len(spacing)
+def acquisition_permutation(spacing: list[float] | np.ndarray) -> list[int]:
+    """The axis order of a case's acquisition frame: its fine axes in RAS order, then its coarse axis.
+
+    A case is anisotropic when its coarsest axis is more than :data:`COARSE_RATIO` times its finest; then the
+    coarse axis goes last (``[1, 1, 6]`` -> ``[0, 1, 2]``, ``[6, 1, 1]`` -> ``[1, 2, 0]``). An isotropic case
+    keeps the RAS order. Decided from the case's own spacing, so it applies to a new case at inference too.
+
+    Args:
+        spacing: the case's voxel spacing per RAS axis.
+
+    Returns:
+        The permutation: frame axis ``i`` is RAS axis ``perm[i]``.
+    """
     sp = np.asarray(spacing, dtype=float)
-    tmp = 1.0 / sp
-    edge = 256.0 if dims == 3 else 2048.0
-    initial = np.round(tmp * (edge**dims / np.prod(tmp)) ** (1.0 / dims))
-    patch = [int(max(1, v)) for v in np.minimum(initial, np.ceil(median_shape))]
-    max_pool = 5 if dims == 3 else 6
+    coarse = int(np.argmax(sp))
+    if len(sp) != 3 or sp[coarse] <= COARSE_RATIO * sp.min():
+        return list(range(len(sp)))
+    return [a for a in range(3) if a != coarse] + [coarse]
 
-    def cost(p: list[int], topo: Topology, batch: int) -> float:
-        if device == "cpu":
-            return float(np.prod(p)) * batch
-        return estimate_training_memory(p, topo, _features(len(topo.strides), device, dims), batch)
 
-    budget = CPU_BATCH_VOXELS[dims] if device == "cpu" else memory_gb * 1024**3
-    topo = pool_and_conv_props(spacing, patch, 4, max_pool)
-    while cost(topo.patch_size, topo, 2) > budget:
+def _frame(spacings: np.ndarray) -> tuple[str, list[list[int]], str]:
+    """``ras`` when every anisotropic case is coarse along the same RAS axis, else ``acquisition``."""
+    dims = spacings.shape[1]
+    perms = [acquisition_permutation(sp) for sp in spacings]
+    coarse = [int(np.argmax(sp)) for sp in spacings if sp.max() > COARSE_RATIO * sp.min()]
+    counts = {a: coarse.count(a) for a in sorted(set(coarse))}
+    if len(counts) <= 1:
+        why = (f"all {len(coarse)} anisotropic cases are coarse along RAS axis {coarse[0]}" if coarse
+               else f"no case has an axis more than {COARSE_RATIO:g}x coarser than its finest")
+        return "ras", [list(range(dims))] * len(perms), why
+    why = ("the anisotropic cases are coarse along different RAS axes (" +
+           ", ".join(f"axis {a}: {n} cases" for a, n in counts.items()) +
+           "): each case is planned in its acquisition frame, its coarse axis last")
+    return "acquisition", perms, why
+
+
+_CT_NAME = re.compile(r"(CE|NC)?CTA?([ _-].*)?")
+
+
+def _hu_like(ranges: list[list[float]]) -> tuple[bool, str]:
+    """CT in Hounsfield units: air (about -1000, or -1024..-3024 padding) at the whole-image 0.5th percentile and
+    no value beyond 4100 at the 99.5th, in at least 80% of cases."""
+    ok = [-3100.0 <= lo <= -900.0 and hi <= 4100.0 for lo, hi in ranges]
+    frac = sum(ok) / max(1, len(ok))
+    lows = float(np.median([lo for lo, _ in ranges])) if ranges else float("nan")
+    highs = float(np.median([hi for _, hi in ranges])) if ranges else float("nan")
+    return frac >= 0.8, (f"whole-image 0.5/99.5 percentiles (median {lows:.0f} / {highs:.0f}) are HU-like "
+                         f"(air at -900..-3100, top <= 4100) in {100 * frac:.0f}% of cases")
+
+
+def _normalization(fp: dict[str, Any], c: int) -> tuple[Normalization, str]:
+    """Normalisation of channel ``c`` and the fact that decided it (see docs/planning.md)."""
+    st = fp["intensity"][c]
+    name = str(fp["modalities"][c]) if c < len(fp["modalities"]) else "unknown"
+    tags = [t for t in fp.get("dicom_modalities", []) if t] if c == 0 else []
+
+    def ct(why: str) -> tuple[Normalization, str]:
+        clip = [float(st["percentile_00_5"]), float(st["percentile_99_5"])]
+        return (Normalization("ct", float(st["mean"]), float(st["std"]), clip),
+                f"{why}: clip to the foreground 0.5-99.5 percentiles [{clip[0]:.4g}, {clip[1]:.4g}], then "
+                f"foreground mean {st['mean']:.4g} / std {st['std']:.4g}")
+
+    # "channel_0" is the manifest's placeholder for a channel that no dataset.json names
+    named = name.strip().lower() not in ("", "unknown") and not re.fullmatch(r"channel_\d+", name.strip())
+    if named and _CT_NAME.fullmatch(name.strip().upper()):
+        return ct(f"dataset.json names channel {c} {name!r}")
+    if not named and tags:
+        tag = max(set(tags), key=tags.count)
+        if tag == "CT":
+            return ct(f"DICOM Modality tag CT ({tags.count('CT')}/{len(tags)} cases)")
+        source = f"DICOM Modality tag {tag}"
+    elif named:
+        source = f"dataset.json names channel {c} {name!r} (not CT)"
+    else:
+        hu, how = _hu_like(fp["image_ranges"][c]) if fp.get("image_ranges") else (False, "no intensity ranges")
+        if hu:
+            return ct(f"no modality given; {how}")
+        source = f"no modality given and the intensities are not HU-like ({how})"
+    crop = fp.get("channel_crop_fraction", [fp.get("median_crop_fraction", 1.0)] * (c + 1))[c]
+    if crop < NONZERO_CROP_FRACTION:
+        return (Normalization("zscore_nonzero"),
+                f"{source}; cropping to its nonzero region keeps {100 * crop:.0f}% of the image (< "
+                f"{100 * NONZERO_CROP_FRACTION:.0f}%, a zero background such as skull-stripped brain MR): z-score "
+                f"per case inside the nonzero mask")
+    return (Normalization("zscore"), f"{source}; its nonzero region is {100 * crop:.0f}% of the image: z-score "
+                                     f"per case")
+
+
+def _mirror_axes(fp: dict[str, Any], perms: list[list[int]], names: list[str], dims: int) -> tuple[list[int], str]:
+    """Axes (of the plan frame) along which flipping keeps every label's meaning.
+
+    The statistic: per case and foreground class, the class centroid's offset from the centre of the
+    foreground's bounding box along each axis, in units of the box's half-extent (so in [-1, 1] whatever the case
+    size). An axis is *not* mirrored when some class sits on one fixed side of it: the median offset is at least
+    :data:`MIRROR_OFFSET` away from 0 and at least :data:`MIRROR_CONSISTENCY` of the cases holding the class put
+    it on that side. Flipping such an axis would move the class to where the data never has it (anterior and
+    posterior hippocampus, right and left kidney); a class centred on the axis, or on either side at random,
+    leaves it mirrored. The offset threshold (0.3: the centroid at least 15% of the box's width off its centre)
+    separates a side from the lean of an oblique structure: in MSD hippocampus the posterior part leans -0.24 of
+    the half-extent along RAS x in every case (flipping x gives the mirror-image hippocampus, its
+    anterior/posterior cue along y and z intact), while anterior sits at +0.55 along y and -0.45 along z. Robust
+    by construction: medians and sign shares, in box units, so neither case size nor a few odd cases move it. With fewer than :data:`MIRROR_MIN_CASES` cases holding a class the statistic is not
+    trusted for that class.
+    """
+    offsets = fp.get("class_offsets")
+    if not offsets:
+        return list(range(dims)), "no label statistics in the fingerprint: every axis mirrored"
+    kept, reasons = [], []
+    for a in range(dims):
+        worst = None
+        for k, name in enumerate(names):
+            o = np.array([case[k][perm[a]] for case, perm in zip(offsets, perms)
+                          if k < len(case) and case[k] is not None], dtype=float)
+            if o.size < MIRROR_MIN_CASES:
+                continue
+            med = float(np.median(o))
+            side = float(np.mean(np.sign(o) == np.sign(med)) * (abs(med) > 0))
+            score = (abs(med) >= MIRROR_OFFSET and side >= MIRROR_CONSISTENCY, abs(med), name, med, side, o.size)
+            if worst is None or score[:2] > worst[:2]:
+                worst = score
+        if worst is None:
+            reasons.append(f"axis {a} mirrored (no class in {MIRROR_MIN_CASES}+ cases)")
+            kept.append(a)
+        elif worst[0]:
+            _, _, name, med, side, n = worst
+            reasons.append(f"axis {a} NOT mirrored: {name!r} lies on the {'+' if med > 0 else '-'} side in "
+                           f"{100 * side:.0f}% of {n} cases (median offset {med:+.2f} of the foreground half-extent)")
+        else:
+            _, _, name, med, side, n = worst
+            why = (f"under {MIRROR_OFFSET:g}" if abs(med) < MIRROR_OFFSET else
+                   f"but on that side in only {100 * side:.0f}% of {n} cases")
+            reasons.append(f"axis {a} mirrored: no class clearly on one side (largest lean: {name!r}, median offset "
+                           f"{med:+.2f} {why})")
+            kept.append(a)
+    return kept, "; ".join(reasons)
+
+
+class _Sizer:
+    """Fits patch, batch and network to one budget (CPU voxels per batch, or GPU memory)."""
+
+    def __init__(self, device: str, memory_gb: float, memory_model: str, in_channels: int, num_classes: int,
+                 dataset_voxels: float):
+        self.device, self.memory_model = device, memory_model
+        self.in_channels, self.num_classes, self.dataset_voxels = in_channels, num_classes, dataset_voxels
+        self.memory_gb = memory_gb
+        self.budget_gb = memory_gb * GPU_MEMORY_MARGIN
+
+    def budget(self, dims: int) -> float:
+        return CPU_BATCH_VOXELS[dims] if self.device == "cpu" else self.budget_gb * 1024**3
+
+    def budget_text(self, dims: int) -> str:
+        if self.device == "cpu":
+            return f"the CPU budget of {CPU_BATCH_VOXELS[dims]:,} voxels per batch"
+        how = "the step-memory estimator" if self.memory_model == "step" else "the analytic activation estimate"
+        return (f"{self.budget_gb:.1f} GB ({100 * GPU_MEMORY_MARGIN:.0f}% of {self.memory_gb:.1f} GB, by {how}, "
+                f"bf16)")
+
+    def analytic_cost(self, patch: list[int], topo: Topology, batch: int) -> float:
+        dims = len(patch)
+        if self.device == "cpu":
+            return float(np.prod(patch)) * batch
+        return estimate_training_memory(patch, topo, _features(len(topo.strides), self.device, dims), batch)
+
+    def fit_patch(self, median_shape: np.ndarray, spacing: list[float], scale: float = 1.0) -> Topology:
+        """The largest patch (spacing's aspect, at most the median shape) whose analytic batch-2 cost, times
+        ``scale`` (the step estimator's correction, on CUDA), fits."""
+        dims = len(spacing)
+        tmp = 1.0 / np.asarray(spacing, dtype=float)
+        edge = 256.0 if dims == 3 else 2048.0
+        initial = np.round(tmp * (edge**dims / np.prod(tmp)) ** (1.0 / dims))
+        patch = [int(max(1, v)) for v in np.minimum(initial, np.ceil(median_shape))]
+        topo = pool_and_conv_props(spacing, patch, 4, 5 if dims == 3 else 6)
+        while self.analytic_cost(topo.patch_size, topo, 2) * scale > self.budget(dims):
+            smaller = self._shrink(topo, median_shape, spacing)
+            if smaller is None:
+                break
+            topo = smaller
+        return topo
+
+    def _shrink(self, topo: Topology, median_shape: np.ndarray, spacing: list[float]) -> Topology | None:
+        dims = len(spacing)
         ratio = np.array(topo.patch_size) / np.maximum(median_shape, 1)
         axis = int(np.argmax(ratio))
         shrunk = list(topo.patch_size)
         shrunk[axis] -= topo.divisible_by[axis]
         if shrunk[axis] < 4:
+            return None
+        return pool_and_conv_props(spacing, shrunk, 4, 5 if dims == 3 else 6)
+
+    def network(self, topo: Topology, dims: int) -> NetworkSpec:
+        return NetworkSpec("unet", {"features": _features(len(topo.strides), self.device, dims),
+                                    "strides": topo.strides, "kernel_sizes": topo.kernel_sizes,
+                                    "deep_supervision": True, "norm": "instance"})
+
+    def _step_bytes(self, net: NetworkSpec, patch: list[int], batch: int) -> float:
+        import torch
+
+        from medseg.networks.memory import estimate_memory
+
+        return float(estimate_memory(net.name, net.kwargs, len(patch), self.in_channels, self.num_classes, patch,
+                                     batch, dtype=torch.bfloat16))
+
+    def fit(self, median_shape: np.ndarray, spacing: list[float]) -> tuple[Configuration, dict[str, str]]:
+        """Patch, batch and network for ``spacing``; returns the configuration and why (patch, batch)."""
+        dims = len(spacing)
+        topo = self.fit_patch(median_shape, spacing)
+        budget = self.budget(dims)
+        step = self.device == "cuda" and self.memory_model == "step"
+        if step:  # the step estimator decides: its ratio to the analytic cost re-fits the patch, then shrink
+            # until its batch of 2 fits, then its per-sample bytes give the batch
+            ratio = self._step_bytes(self.network(topo, dims), topo.patch_size, 2) / max(
+                self.analytic_cost(topo.patch_size, topo, 2), 1.0)
+            topo = self.fit_patch(median_shape, spacing, scale=ratio)
+            for _ in range(12):
+                net = self.network(topo, dims)
+                one = self._step_bytes(net, topo.patch_size, 1)
+                two = self._step_bytes(net, topo.patch_size, 2)
+                smaller = self._shrink(topo, median_shape, spacing) if two > budget else None
+                if smaller is None:
+                    break
+                topo = smaller
+            per_sample, fixed = max(two - one, 1.0), one - max(two - one, 1.0)
+            fits = int(np.floor((budget - fixed) / per_sample))
+        else:
+            fits = int(np.floor(budget / max(self.analytic_cost(topo.patch_size, topo, 1), 1.0)))
+        patch = topo.patch_size
+        batch, bound = fits, f"{fits} fit {self.budget_text(dims)}"
+        if self.device == "cuda":  # nnU-Net's cap: one batch covers at most 5% of the data set's voxels
+            five = int(round(self.dataset_voxels * 0.05 / float(np.prod(patch))))
+            if five < batch:
+                batch, bound = five, f"capped so one batch holds at most 5% of the data set's voxels ({fits} fit)"
+        cap = MAX_BATCH[(self.device, dims)]
+        if batch > cap:
+            batch, bound = cap, f"the {self.device} maximum ({fits} fit {self.budget_text(dims)})"
+        if batch < 2:
+            batch, bound = 2, f"the minimum of 2 ({bound})"
+        net = self.network(topo, dims)
+        if step:
+            est = fixed + per_sample * batch
+        else:
+            est = estimate_training_memory(patch, topo, net.kwargs["features"], batch)
+        cfg = Configuration(
+            spacing=[float(s) for s in spacing], patch_size=[int(p) for p in patch], batch_size=int(batch),
+            median_shape=[int(round(s)) for s in median_shape], network=net,
+            pools_per_axis=list(topo.pools_per_axis), mirror_axes=list(range(dims)),
+            estimated_memory_gb=round(est / 1024**3, 3))
+        cover = float(np.prod(patch) / max(1.0, float(np.prod(np.maximum(median_shape, 1)))))
+        why = {
+            "patch": (f"{_x(patch)}: the largest patch with the spacing's aspect, at most the median shape "
+                      f"{_x([int(round(s)) for s in median_shape])} (padded to multiples of "
+                      f"{_x(topo.divisible_by)}), whose batch of 2 fits {self.budget_text(dims)}; covers "
+                      f"{100 * min(cover, 1.0):.0f}% of the median image"),
+            "batch": f"{batch}: {bound}" + (f"; estimated {est / 1024**3:.2f} GB" if self.device == "cuda" else ""),
+            "topology": _topology_text(topo, spacing),
+        }
+        return cfg, why
+
+
+def _x(values: Any) -> str:
+    return "x".join(str(int(v)) for v in values)
+
+
+def _topology_text(topo: Topology, spacing: list[float]) -> str:
+    text = (f"{len(topo.strides)} stages, pools per axis {topo.pools_per_axis} (an axis pools while its feature "
+            f"map stays >= 8 and its spacing is within 2x of the finest)")
+    dims = len(spacing)
+    aniso = [a for a in range(dims) if topo.kernel_sizes[0][a] == 1]
+    for a in aniso:
+        k1 = sum(1 for k in topo.kernel_sizes if k[a] == 1)
+        nopool = next((i for i, s in enumerate(topo.strides[1:]) if s[a] == 2), len(topo.strides) - 1)
+        text += (f"; axis {a} ({spacing[a]:.3g} mm vs {min(spacing):.3g} mm): kernel 1 in the first {k1} stage(s) "
+                 f"and no pooling in the first {nopool} downsampling(s), until its spacing evens out")
+    return text
+
+
+def _lowres(sizer: _Sizer, full: Configuration, median_shape: np.ndarray, spacing: list[float]
+            ) -> tuple[Configuration | None, dict[str, str]]:
+    """nnU-Net's low-resolution stage: coarsen the spacing (3% a step; while anisotropic only the fine axes)
+    until the fitted patch covers at least :data:`LOWRES_COVERAGE` of the median image at that spacing."""
+    full_voxels = float(np.prod(np.maximum(median_shape, 1)))
+    cover = float(np.prod(full.patch_size)) / full_voxels
+    if cover >= LOWRES_COVERAGE:
+        return None, {"": (f"not planned: the 3d_fullres patch covers {100 * min(cover, 1):.0f}% of the median "
+                           f"image (>= {100 * LOWRES_COVERAGE:.1f}%)")}
+    low = np.asarray(spacing, dtype=float).copy()
+    for _ in range(400):
+        coarse = low.max() / low > 2
+        if coarse.any():
+            low[coarse] *= 1.03
+        else:
+            low *= 1.03
+        shape = np.asarray(median_shape) * np.asarray(spacing) / low
+        topo = sizer.fit_patch(shape, [float(v) for v in low])
+        if np.prod(topo.patch_size) / np.prod(np.maximum(shape, 1)) >= LOWRES_COVERAGE:
             break
-        topo = pool_and_conv_props(spacing, shrunk, 4, max_pool)
-    patch = topo.patch_size
-    batch = int(np.floor(budget / max(cost(patch, topo, 1), 1.0)))
-    five_percent = int(round(dataset_voxels * 0.05 / float(np.prod(patch))))
-    if device == "cuda":  # nnU-Net's cap: one batch covers at most 5% of the data set's voxels
-        batch = min(batch, five_percent)
-    batch = int(max(2, min(batch, MAX_BATCH[(device, dims)])))
-    features = _features(len(topo.strides), device, dims)
-    return Configuration(
-        spacing=[float(s) for s in spacing],
-        patch_size=[int(p) for p in patch],
-        batch_size=batch,
-        median_shape=[int(round(s)) for s in median_shape],
-        network=NetworkSpec("unet", {
-            "features": features,
-            "strides": topo.strides,
-            "kernel_sizes": topo.kernel_sizes,
-            "deep_supervision": True,
-            "norm": "instance",
-        }),
-        pools_per_axis=list(topo.pools_per_axis),
-        mirror_axes=list(range(dims)),
-        estimated_memory_gb=round(estimate_training_memory(patch, topo, features, batch) / 1024**3, 3),
-    )
+    if 2 * np.prod(shape) > full_voxels:
+        return None, {"": "not planned: the low-resolution image would be less than 2x smaller than the full-resolution "
+                          "one"}
+    cfg, why = sizer.fit(shape, [float(v) for v in low])
+    c2 = float(np.prod(cfg.patch_size) / np.prod(np.maximum(shape, 1)))
+    why[""] = (f"planned: the 3d_fullres patch covers only {100 * cover:.1f}% of the median image (< "
+               f"{100 * LOWRES_COVERAGE:.1f}%); at spacing {' x '.join(f'{v:.3g}' for v in low)} mm the patch "
+               f"{_x(cfg.patch_size)} covers {100 * min(c2, 1):.0f}% of the median image "
+               f"{_x([int(round(v)) for v in shape])}")
+    return cfg, why
 
 
-def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: float | None = None) -> Plan:
-    """Turn a fingerprint into a plan.
+def gpu_memory_gb() -> tuple[float | None, str]:
+    """Free memory of the current CUDA device in GB (``torch.cuda.mem_get_info``), or None without one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None, "torch is not installed"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device visible"
+    free, total = torch.cuda.mem_get_info()
+    name = torch.cuda.get_device_name()
+    return free / 1024**3, f"{free / 1024**3:.1f} GB free of {total / 1024**3:.1f} GB on {name} (measured)"
+
+
+def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: float | None = None,
+              memory_model: str = "auto") -> Plan:
+    """Turn a fingerprint into a plan; ``plan.explain`` says which fact decided each choice.
 
     Args:
         fingerprint: from :func:`medseg.planning.fingerprint`.
         device: ``"cpu"`` (small network, compute-bounded batch) or ``"cuda"`` (memory-bounded).
-        memory_gb: GPU memory budget for ``cuda`` (default 8).
+        memory_gb: GPU memory budget for ``cuda``; default: the free memory of the visible CUDA device, or
+            :data:`DEFAULT_GPU_MEMORY_GB` without one.
+        memory_model: how a CUDA plan's memory is estimated: ``"step"`` (a simulated training step,
+            :func:`medseg.networks.memory.estimate_memory`; seconds per configuration), ``"analytic"`` (the fast
+            activation formula :func:`estimate_training_memory`), ``"auto"`` (``step``).
 
     Returns:
-        The typed :class:`~medseg.planning.schema.Plan` (see docs/architecture.md).
+        The typed :class:`~medseg.planning.schema.Plan` (see docs/planning.md).
 
     Raises:
-        ConfigError: unknown device or a non-positive memory budget.
+        ConfigError: unknown device or memory model, or a non-positive memory budget.
     """
     if device not in ("cpu", "cuda"):
         raise ConfigError("device", device, "'cpu' or 'cuda'")
+    if memory_model not in ("auto", "step", "analytic"):
+        raise ConfigError("memory_model", memory_model, "'auto', 'step' or 'analytic'")
     if memory_gb is not None and memory_gb <= 0:
         raise ConfigError("memory_gb", memory_gb, "a positive number of gigabytes")
-    gb = float(memory_gb) if memory_gb is not None else 8.0
+    explain: dict[str, str] = {}
+    if memory_gb is not None:
+        gb, explain["memory"] = float(memory_gb), f"{memory_gb:g} GB (given)"
+    elif device == "cuda":
+        measured, how = gpu_memory_gb()
+        gb = measured if measured is not None else DEFAULT_GPU_MEMORY_GB
+        explain["memory"] = how if measured is not None else f"{gb:g} GB (default, a common card; {how})"
+    else:
+        gb = DEFAULT_GPU_MEMORY_GB
     dims = int(fingerprint["spatial_dims"])
+    values = [int(v) for v in fingerprint.get("label_values") or sorted(int(k) for k in fingerprint["labels"])]
+    names = {int(k): str(v) for k, v in fingerprint["labels"].items()}
+    labels = {k: names.get(v, f"label_{v}") for k, v in enumerate(values)}
+    explain["labels"] = (f"{len(values)} classes for label values {values} (dataset.json and the values found in "
+                         f"the label files); class k is written as label_values[k]")
+
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     cropped = np.asarray(fingerprint["cropped_shapes"], dtype=float)
-    target = target_spacing(spacings, cropped)
-    shapes_at_target = cropped * spacings / np.asarray(target)
+    frame, perms, frame_why = _frame(spacings) if dims == 3 else ("ras", [list(range(dims))] * len(spacings),
+                                                                  "2D data")
+    explain["frame"] = f"{frame}: {frame_why}"
+    spacings_f = np.array([sp[p] for sp, p in zip(spacings, perms)])
+    cropped_f = np.array([sh[p] for sh, p in zip(cropped, perms)])
+    target = target_spacing(spacings_f, cropped_f)
+    med = np.median(spacings_f, axis=0)
+    worst = int(np.argmax(med))
+    ratio = med[worst] / max(min(med), 1e-9)
+    if not np.allclose(target, med):
+        explain["spacing"] = (f"{_sp(target)} mm: the median spacing {_sp(med)} of {len(spacings)} cases, except "
+                              f"axis {worst}, {ratio:.1f}x the finest (> {ANISOTROPY_THRESHOLD:g}x) with few voxels: "
+                              f"the 10th percentile of its spacings")
+    elif ratio > ANISOTROPY_THRESHOLD:
+        explain["spacing"] = (f"{_sp(target)} mm: the median spacing of {len(spacings)} cases; axis {worst} is "
+                              f"{ratio:.1f}x the finest and kept coarse (its 10th percentile is "
+                              f"{np.percentile(spacings_f[:, worst], 10):.3g} mm, or it has many voxels)")
+    else:
+        explain["spacing"] = f"{_sp(target)} mm: the median spacing of {len(spacings)} cases"
+    shapes_at_target = cropped_f * spacings_f / np.asarray(target)
     median_shape = np.median(shapes_at_target, axis=0)
     dataset_voxels = float(np.sum(np.prod(shapes_at_target, axis=1)))
 
     normalization = []
-    use_nonzero = fingerprint.get("median_crop_fraction", 1.0) < 0.75
-    for c, mod in enumerate(fingerprint["modalities"]):
-        st = fingerprint["intensity"][c]
-        if str(mod).upper() == "CT":
-            normalization.append(Normalization("ct", float(st["mean"]), float(st["std"]),
-                                               [float(st["percentile_00_5"]), float(st["percentile_99_5"])]))
-        else:
-            normalization.append(Normalization("zscore_nonzero" if use_nonzero else "zscore"))
+    for c in range(int(fingerprint["channels"])):
+        norm, why = _normalization(fingerprint, c)
+        normalization.append(norm)
+        explain[f"normalization[{c}]"] = f"{norm.scheme}: {why}"
 
+    model = "step" if memory_model == "auto" else memory_model
+    sizer = _Sizer(device, gb, model, int(fingerprint["channels"]), len(values), dataset_voxels)
+    mirror, mirror_why = _mirror_axes(fingerprint, perms, [labels[k] for k in range(1, len(values))], dims)
+    explain["mirror_axes"] = f"{mirror}: {mirror_why}"
     configs: dict[str, Configuration] = {}
     if dims == 3:
-        configs["3d_fullres"] = _fit(median_shape, target, device, gb, dataset_voxels)
+        full, why = sizer.fit(median_shape, target)
+        configs["3d_fullres"] = full
+        explain.update({f"3d_fullres.{k}": v for k, v in why.items()})
+        low, low_why = _lowres(sizer, full, median_shape, target)
+        explain.update({"3d_lowres" + (f".{k}" if k else ""): v
+                        for k, v in sorted(low_why.items(), key=lambda kv: kv[0] != "")})  # the summary first
+        if low is not None:
+            configs["3d_lowres"] = low
+            explain["3d_cascade_fullres"] = ("not planned: training a cascade (the 3d_lowres prediction as extra "
+                                             "input channels of 3d_fullres) is not implemented yet")
         # 2D: slices across the coarsest axis (ties: the last, axial in RAS); that axis is not resampled
         tgt = np.asarray(target)
         slice_axis = int(np.flatnonzero(tgt == tgt.max())[-1])
         inplane = [a for a in range(3) if a != slice_axis]
-        two = _fit(median_shape[inplane], [target[a] for a in inplane], device, gb, dataset_voxels)
+        two, why = sizer.fit(median_shape[inplane], [target[a] for a in inplane])
         two.spacing = [None if a == slice_axis else float(target[a]) for a in range(3)]
         two.slicewise = True
         two.slice_axis = slice_axis
+        two.mirror_axes = [i for i, a in enumerate(inplane) if a in mirror]
         configs["2d"] = two
+        explain.update({f"2d.{k}": v for k, v in why.items()})
+        explain["2d.slices"] = f"across axis {slice_axis}, the coarsest (ties: the last)"
     else:
-        configs["2d"] = _fit(median_shape, target, device, gb, dataset_voxels)
+        configs["2d"], why = sizer.fit(median_shape, target)
+        explain.update({f"2d.{k}": v for k, v in why.items()})
+    for cfg in configs.values():
+        cfg.frame = frame
+        if not cfg.slicewise:
+            cfg.mirror_axes = list(mirror)
+    explain["configurations"] = ", ".join(configs) + ("" if "3d_lowres" in configs else
+                                                      " (no 3d_lowres: " + explain.get("3d_lowres", "2D data") + ")")
 
-    labels = {int(k): str(v) for k, v in fingerprint["labels"].items()}
-    fp_summary = {k: v for k, v in fingerprint.items() if k not in ("spacings", "shapes", "cropped_shapes",
-                                                                    "case_ids")}
+    drop = ("spacings", "shapes", "cropped_shapes", "case_ids", "image_ranges", "class_offsets", "dicom_modalities")
+    fp_summary = {k: v for k, v in fingerprint.items() if k not in drop}
     fp_summary["median_spacing"] = [float(v) for v in np.median(spacings, axis=0)]
     fp_summary["median_shape"] = [float(v) for v in np.median(np.asarray(fingerprint["shapes"]), axis=0)]
     return Plan(
         dataset=str(fingerprint["dataset"]),
         spatial_dims=dims,
         in_channels=int(fingerprint["channels"]),
-        num_classes=max(labels) + 1,
+        num_classes=len(values),
         labels=labels,
         device=device,
         memory_gb=gb if device == "cuda" else None,
         normalization=normalization,
         configurations=configs,
         fingerprint=fp_summary,
+        label_values=values,
+        explain=explain,
     )
+
+
+def _sp(values: Any) -> str:
+    return " x ".join(f"{float(v):.3g}" for v in values)
 
 
 def plan_hash(plan: Plan) -> str:
@@ -218,7 +565,8 @@ def plan_hash(plan: Plan) -> str:
         "version": plan.schema_version, "spatial_dims": plan.spatial_dims, "in_channels": plan.in_channels,
         "normalization": [n.to_dict() for n in plan.normalization],
         "manifest": plan.fingerprint.get("manifest_hash"),
-        "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis}
+        "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis,
+                               **({"frame": c.frame} if c.frame != "ras" else {})}  # RAS plans keep their hash
                            for n, c in sorted(plan.configurations.items())},
     }
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))

@@ -144,6 +144,16 @@ class Normalization:
         return cls(scheme, float(r.float("mean", 0.0)), float(r.float("std", 1.0)), clip)
 
 
+FRAMES = ("ras", "acquisition")
+
+
+def _frame_of(r: _Reader) -> str:
+    frame = r.str("frame", "ras")
+    if frame not in FRAMES:
+        raise r._bad("frame", "one of " + ", ".join(FRAMES))
+    return frame
+
+
 @dataclass
 class Configuration:
     """One way to train and predict a data set (``3d_fullres``, ``2d``, ...).
@@ -157,6 +167,10 @@ class Configuration:
         slicewise: a 2D network over the slices of 3D data.
         slice_axis: the data axis that slices are taken across (slice-wise only).
         median_shape, pools_per_axis, estimated_memory_gb: what the planner saw and decided (informative).
+        frame: the voxel frame of ``spacing``, ``patch_size`` and the network's axes: ``"ras"`` (RAS-reoriented
+            voxel axes, every case alike) or ``"acquisition"`` (added in schema 2, default ``"ras"``: each case's
+            RAS axes permuted by :func:`medseg.planning.plan.acquisition_permutation` of its own spacing, its
+            coarse axis last; planned when the cases of a data set are coarse along different RAS axes).
     """
 
     spacing: list[float | None]
@@ -169,6 +183,7 @@ class Configuration:
     median_shape: list[int] = field(default_factory=list)
     pools_per_axis: list[int] = field(default_factory=list)
     estimated_memory_gb: float | None = None
+    frame: str = "ras"
 
     @property
     def network_dims(self) -> int:
@@ -209,6 +224,7 @@ class Configuration:
             median_shape=r.ints("median_shape", []),
             pools_per_axis=r.ints("pools_per_axis", []),
             estimated_memory_gb=r.float("estimated_memory_gb", None),
+            frame=_frame_of(r),
         )
 
 
