@@ -23,9 +23,11 @@ from medseg.transforms.preprocess import preprocess_volume, restore_original
 
 
 def _plan(spacing, channels=1):
-    norm = {"scheme": "zscore", "mean": 0.0, "std": 1.0, "clip": None, "use_nonzero_mask": False}
-    return {"version": 1, "spatial_dims": 3, "in_channels": channels, "num_classes": 3,
-            "normalization": [norm] * channels, "configurations": {"cfg": {"spacing": list(spacing)}}}
+    from medseg.planning import Configuration, NetworkSpec, Normalization, Plan
+
+    conf = Configuration(spacing=list(spacing), patch_size=[16, 16, 16], batch_size=2, network=NetworkSpec("unet"))
+    return Plan(dataset="t", spatial_dims=3, in_channels=channels, num_classes=3, labels={0: "bg", 1: "a", 2: "b"},
+                normalization=[Normalization("zscore")] * channels, configurations={"cfg": conf})
 
 
 # ------------------------------------------------------------------------ loading + preprocessing in Compose
