@@ -248,7 +248,7 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
                 if output_format == "dicom-seg":
                     from medseg.io.dicom_seg import write_dicom_seg
 
-                    labels = {k: v for k, v in predictor.labels.items() if k != 0}
+                    labels = {v: n for v, n in predictor.output_labels.items() if v != predictor.label_values[0]}
                     write_dicom_seg(pred.label, case.images[0], paths["mask"], labels,
                                     series_uid=image.meta.get("series_uid"))
                 else:

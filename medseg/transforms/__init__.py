@@ -5,6 +5,6 @@
 Submodules import torch/MONAI only when used.
 """
 
-from medseg.transforms.preprocess import preprocess_volume, restore_original
+from medseg.transforms.preprocess import preprocess_volume, restore_label, restore_original
 
-__all__ = ["preprocess_volume", "restore_original"]
+__all__ = ["preprocess_volume", "restore_original", "restore_label"]

@@ -28,7 +28,8 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
         label: label map file, or ``None``.
 
     Returns:
-        ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
+        ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume (int32 when its
+        values need it; the file's own label values) or None.
 
     Raises:
         InputError: unreadable files, channels or label on a different grid than the first channel, or a label
@@ -58,7 +59,8 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None) -
             if not np.array_equal(rounded, larr):
                 raise InputError(label, "label holds non-integer values", "an integer label map")
             larr = rounded
-        seg = Volume(larr.astype(np.int16), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
+        dtype = np.int16 if larr.size == 0 or (larr.min() >= -32768 and larr.max() <= 32767) else np.int32
+        seg = Volume(larr.astype(dtype), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
     return image, seg
 
 
