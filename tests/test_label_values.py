@@ -119,3 +119,42 @@ def test_values_0_200_500_600_end_to_end(tmp_path):
         np.testing.assert_array_equal(np.asarray(again.array), np.asarray(pred.array))
         scores = compute_metrics(np.asarray(pred.array), np.asarray(ref.array), image.spacing, VALUES[1:])
         assert min(scores[v]["dice"] for v in VALUES[1:]) > 0.5, {v: scores[v]["dice"] for v in VALUES[1:]}
+
+
+def test_crossval_writes_and_scores_out_of_fold_predictions_in_the_data_values(tmp_path):
+    """A crossval on data labelled 0/200/500 (a plan with label_values [0, 200, 500]): the cache holds classes, the
+    out-of-fold predictions hold the data's values, and per_case.csv / the summary score them by value."""
+    import csv
+    import json
+
+    import yaml
+
+    from medseg.cli.main import main
+    from medseg.data.demo import make_demo_dataset
+    from medseg.data.manifest import load_manifest
+    from medseg.planning import fingerprint, load_model_record, make_plan, save_plan
+
+    data = make_demo_dataset(tmp_path / "data", n_cases=4, seed=0)
+    plan = make_plan(fingerprint(load_manifest(data)), device="cpu")
+    values = [0, 200, 500]
+    plan.label_values = values
+    save_plan(plan, tmp_path / "plan.json")
+    for path in sorted((data / "labelsTr").glob("*.nii.gz")):  # relabel the files 1 -> 200, 2 -> 500
+        lab = read_volume(path)
+        write_volume(lab.with_array(np.asarray(values, np.int16)[np.asarray(lab.array)]), path)
+    cfg = {"name": "values", "configuration": "3d_fullres", "folds": 2, "seed": 0, "dataset": str(data),
+           "output": str(tmp_path / "run"), "cache": str(tmp_path / "cache"), "plan": str(tmp_path / "plan.json"),
+           "train": {"epochs": 1, "batches_per_epoch": 2, "optimizer": "adamw", "lr": 0.003, "val_every": 1,
+                     "batch_size": 2, "patch_size": [16, 16, 16], "device": "cpu", "val_max_cases": 1, "threads": 1,
+                     "network": {"name": "unet", "kwargs": {"features": [4, 8], "strides": [1, 2]}}}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "crossval", "--config", str(tmp_path / "values.yaml"), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert load_model_record(run).label_values == values and load_model_record(run).num_classes == 3
+    segs = list((tmp_path / "cache").rglob("*_seg.npy"))
+    assert segs and all(set(np.unique(np.load(p)).tolist()) <= {0, 1, 2} for p in segs)
+    oof = sorted(run.glob("fold_*/validation/*.nii.gz"))
+    assert len(oof) == 4 and all(set(np.unique(read_volume(p).array).tolist()) <= set(values) for p in oof)
+    with (run / "per_case.csv").open() as f:
+        assert {row["label"] for row in csv.DictReader(f)} == {"200", "500"}
+    assert set(json.loads((run / "crossval_summary.json").read_text())["classes"]) == {"200", "500"}
