@@ -327,6 +327,7 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
         ValueError: ``prob`` does not have the plan-space shape recorded in ``props``.
     """
     import torch
+    import torch.nn.functional as F
 
     t = torch.as_tensor(prob)
     shape = tuple(props["shape"])
@@ -350,8 +351,13 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
         if modes[0] == "linear":
             other = t.index_select(1, idx1[a:b])
             slab.add_((other - slab).mul_(wt[a:b].reshape(1, -1, *([1] * (len(shape) - 1)))))
-        slab = _resample_separable(slab, (b - a, *crop_shape[1:]), modes)
-        crop[a:b] = slab.argmax(0).to(torch.int16).cpu().numpy()
+        if len(crop_shape) > 1 and all(m == "linear" for m in modes[1:]) and slab.shape[2:] != crop_shape[1:]:
+            mode = "bilinear" if len(crop_shape) == 3 else "linear"  # the slab's rows as the batch: one call
+            slab = F.interpolate(slab.movedim(1, 0), size=crop_shape[1:], mode=mode, align_corners=False)
+            crop[a:b] = slab.argmax(1).to(torch.int16).cpu().numpy()
+        else:
+            slab = _resample_separable(slab, (b - a, *crop_shape[1:]), modes)
+            crop[a:b] = slab.argmax(0).to(torch.int16).cpu().numpy()
     full = np.zeros((1, *props["ras_shape"]), dtype=np.int16)
     lo, hi = props["bbox"]
     full[(slice(None),) + tuple(slice(x, y) for x, y in zip(lo, hi))] = crop[None]
