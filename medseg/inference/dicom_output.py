@@ -33,7 +33,8 @@ def write_dicom_mask(output_format: str, label: Volume, source_dir: str | Path, 
         label: the prediction, on the source series' grid.
         source_dir: the input DICOM series folder.
         path: output file.
-        predictor: anything with ``labels`` and optionally ``label_colors`` / ``label_codes``.
+        predictor: anything with ``output_labels`` (``{label value: name}``; else ``labels``), optionally
+            ``label_values``, ``label_colors`` / ``label_codes``.
         series_uid: the source series (default the label's ``meta["series_uid"]``).
 
     Raises:
@@ -43,7 +44,10 @@ def write_dicom_mask(output_format: str, label: Volume, source_dir: str | Path, 
     from medseg.io.dicom_seg import write_dicom_seg
     from medseg.io.rtstruct import write_rtstruct
 
-    labels = {int(k): v for k, v in predictor.labels.items() if int(k) != 0}
+    # the mask holds the data's label values (e.g. 200/500), named by output_labels; background is the first value
+    names = getattr(predictor, "output_labels", None) or predictor.labels
+    background = (getattr(predictor, "label_values", None) or [0])[0]
+    labels = {int(k): v for k, v in names.items() if int(k) != int(background)}
     writer = write_rtstruct if output_format == "rtstruct" else write_dicom_seg
     writer(label, source_dir, path, labels, series_uid=series_uid, colors=getattr(predictor, "label_colors", None),
            codes=getattr(predictor, "label_codes", None))

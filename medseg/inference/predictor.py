@@ -2,8 +2,9 @@
 
 ``Predictor.from_run(RUN).predict(volume)`` runs: preprocessing into plan space (:mod:`medseg.transforms`),
 sliding-window inference of every fold with test-time mirroring (probabilities averaged over mirrors and
-folds), argmax, the exact inverse of preprocessing (``restore_original``) and the run's post-processing
-(``postprocessing.json``). The result carries the input's affine, shape and voxel order.
+folds), the exact inverse of preprocessing with the argmax taken on the input's grid (``restore_label``), the
+class indices mapped back to the data's label values and the run's post-processing. The result carries the
+input's affine, shape and voxel order.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medseg.runtime import (
     resolve_device,
     resolve_precision,
 )
+from medseg.transforms.labels import decode_labels, value_names
 
 __all__ = ["Predictor", "Prediction", "InferenceOptions", "entropy", "argmax_label"]
 
@@ -50,6 +52,10 @@ class InferenceOptions:
         checkpoint: ``"best"`` (falls back to ``latest`` when absent) or ``"latest"``.
         compile: ``torch.compile`` each fold's network once for the window shape
             (:mod:`medseg.inference.compiled`; pays off over many cases in float32 or on CUDA).
+        restore: how the label goes back onto the input's grid: ``"probabilities"`` (resample the class
+            probabilities there and take the argmax, in bounded slabs: smooth edges where the input is finer than
+            the plan) or ``"label"`` (argmax in plan space, then nearest: the first release's way). Default None:
+            ``"probabilities"``, except for a first-release run folder, which predicts exactly as it did.
     """
 
     tta: bool = True
@@ -59,6 +65,7 @@ class InferenceOptions:
     postprocess: bool = True
     checkpoint: str = "best"
     compile: bool = False
+    restore: str | None = None
 
 
 @dataclass
@@ -110,6 +117,8 @@ class Predictor:
 
     Attributes:
         folds: the record's folds; inferer: the :class:`SlidingWindowInferer` every case runs through.
+        labels: ``{class index: name}``; label_values: the data's value of each class index; output_labels:
+            ``{label value: name}`` of the masks it writes (what DICOM-SEG segments and reports name).
     """
 
     def __init__(self, networks: Sequence[nn.Module], record: ModelRecord, *,
@@ -136,6 +145,11 @@ class Predictor:
                                else PostprocessSetting())
         self.num_classes = record.num_classes
         self.labels = dict(record.labels)
+        self.label_values = list(record.label_values)
+        self.output_labels = value_names(self.labels, self.label_values)
+        self.restore = self.options.restore or ("label" if record.first_release else "probabilities")
+        if self.restore not in ("probabilities", "label"):
+            raise ConfigError("restore", self.restore, "'probabilities' or 'label'")
         self.networks = [n.to(self.device).eval() for n in networks]
         self.patch_size = tuple(self.config.patch_size)
         self.mirror_axes = tuple(self.config.mirror_axes) if self.options.tta else ()
@@ -218,7 +232,8 @@ class Predictor:
             volume: the input image (all channels), in any orientation and spacing.
 
         Returns:
-            ``(1, *spatial)`` integer Volume with ``volume``'s exact geometry (uint8 up to 255 classes).
+            ``(1, *spatial)`` Volume of the data's label values (the record's ``label_values``; uint8 when they
+            fit, else uint16/int16) with ``volume``'s exact geometry.
 
         Raises:
             InputError: the image does not fit the plan (channels, dimensionality).
@@ -239,13 +254,15 @@ class Predictor:
         Raises:
             InputError: the image does not fit the plan.
         """
-        from medseg.transforms.preprocess import preprocess_volume, restore_original
+        from medseg.transforms.preprocess import preprocess_volume, restore_label, restore_original
 
         image, _, props = preprocess_volume(volume, self.plan, self.config_name)
         prob = self.predict_array(image)
-        label = argmax_label(prob).cpu().numpy()
-        dtype = np.uint8 if self.num_classes <= 256 else np.int16
-        label = restore_original(label, props, is_label=True).astype(dtype)
+        if self.restore == "probabilities":
+            classes = restore_label(prob, props)
+        else:
+            classes = restore_original(argmax_label(prob).cpu().numpy(), props, is_label=True)
+        label = decode_labels(classes, self.label_values)
         if self.options.postprocess and not self.postprocessing.is_identity:
             label = postprocess(label, self.postprocessing, volume.spacing)
         meta = {k: v for k, v in volume.meta.items() if k not in ("intent", "disk_dtype")}

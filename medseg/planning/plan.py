@@ -569,6 +569,8 @@ def plan_hash(plan: Plan) -> str:
                                **({"frame": c.frame} if c.frame != "ras" else {})}  # RAS plans keep their hash
                            for n, c in sorted(plan.configurations.items())},
     }
+    if list(plan.label_values) != list(range(plan.num_classes)):  # cached labels hold class indices of these values
+        key["label_values"] = [int(v) for v in plan.label_values]
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -63,6 +63,8 @@ class ModelRecord:
     pipeline: str | None = None
     plan_hash: str | None = None
     schema_version: int = SCHEMA_VERSION
+    #: read from a first-release run folder (in memory only, never written): it predicts as that release did
+    first_release: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label_values:
@@ -229,5 +231,7 @@ def _migrate_v1(root: Path, model: dict[str, Any] | None) -> ModelRecord:
         plan = dataclasses.replace(plan, labels={int(k): str(v) for k, v in labels.items()})
     log.info("%s: a first-release run folder (no model.json schema_version); read in memory, not rewritten",
              root)
-    return ModelRecord.from_plan(plan, config_name, conf, folds=folds, postprocessing=setting.to_dict(),
-                                 pipeline=model.get("pipeline"), plan_hash=plan_hash(plan))
+    record = ModelRecord.from_plan(plan, config_name, conf, folds=folds, postprocessing=setting.to_dict(),
+                                   pipeline=model.get("pipeline"), plan_hash=plan_hash(plan))
+    record.first_release = True
+    return record

@@ -53,7 +53,8 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
         tta: test-time mirroring.
 
     Returns:
-        ``(case_id, prediction, reference, spacing)`` per validation case, arrays without the channel axis.
+        ``(case_id, prediction, reference, spacing)`` per validation case, arrays without the channel axis, both
+        in the data's label values (the plan's ``label_values``).
     """
     from medseg.inference import Predictor
     from medseg.io import read_volume, write_volume
@@ -192,7 +193,11 @@ def run_crossval(
         res = train_fold(pipeline, fold, resume=resume, progress=cb, run=run)
         results[fold] = res
     update_model_record(run)
-    labels = {k: v for k, v in run.plan.labels.items() if k != 0}
+    from medseg.transforms.labels import value_names
+
+    # predictions (Predictor) and references (the files) both hold the data's label values: score by value
+    labels = {v: n for v, n in value_names(run.plan.labels, run.plan.label_values).items()
+              if v != run.plan.label_values[0]}
     per_case: dict[str, dict[int, dict[str, float]]] = {}
     fold_of: dict[str, int] = {}
     pp_cases = []

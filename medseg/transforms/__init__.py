@@ -9,7 +9,7 @@ The same steps as MONAI dictionary transforms, for a MONAI ``Compose``: ``LoadVo
 
 from typing import Any
 
-from medseg.transforms.preprocess import preprocess_volume, restore_original
+from medseg.transforms.preprocess import preprocess_volume, restore_label, restore_original
 
 _LAZY = {
     "LoadVolumed": "dictionary", "PreprocessFromPland": "dictionary",
@@ -18,7 +18,7 @@ _LAZY = {
     "augmentation_transforms": "random",
 }
 
-__all__ = ["preprocess_volume", "restore_original", *_LAZY]
+__all__ = ["preprocess_volume", "restore_original", "restore_label", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

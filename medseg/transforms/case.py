@@ -32,7 +32,8 @@ def load_case(images: list[Path] | list[str], label: Path | str | None = None, l
         strict_geometry: refuse tilted or unevenly spaced DICOM series instead of resampling them.
 
     Returns:
-        ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume or None.
+        ``(image, label)``: the image as one channel-first float32 Volume, the label as an int16 Volume (int32 when its
+        values need it; the file's own label values) or None.
 
     Raises:
         InputError: unreadable files, channels or label on a different grid than the first channel, or a label
@@ -89,7 +90,8 @@ def load_label(label: Path | str, image: Volume | None = None, image_path: Path 
         if not np.array_equal(rounded, larr):
             raise InputError(label, "label holds non-integer values", "an integer label map")
         larr = rounded
-    return Volume(larr.astype(np.int16), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
+    dtype = np.int16 if larr.size == 0 or (larr.min() >= -32768 and larr.max() <= 32767) else np.int32
+    return Volume(larr.astype(dtype), lv.affine.copy(), lv.spatial_dims, dict(lv.meta))
 
 
 def ras_ornt(affine: np.ndarray, spatial_dims: int) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Plan-space preprocessing of one case and its exact inverse.
 
-``preprocess_volume``: reorient to RAS (exact permutation/flip) -> crop to the nonzero bounding box -> resample
-to the configuration's spacing (image linear, label nearest) -> normalise per channel as the plan says.
+``preprocess_volume``: reorient to RAS (exact permutation/flip) -> crop to the nonzero bounding box -> map the
+label's file values to class indices (the plan's ``label_values``) -> resample to the configuration's spacing
+(image linear, label nearest; an anisotropic case -- coarsest axis > 3x finest -- has its coarse axis resampled
+on its own with nearest, in-plane linear, as nnU-Net's separate-z) -> normalise per channel as the plan says.
 ``restore_original`` maps a plan-space array back: resample to the cropped shape, pad into the reoriented grid,
 undo the reorientation -- giving the input's exact shape and voxel order, so ``volume.with_array(...)`` carries
-the input's geometry.
+the input's geometry. ``restore_label`` does the same for probabilities and takes the argmax on the input's grid,
+in bounded slabs.
 """
 
 from __future__ import annotations
@@ -19,17 +22,104 @@ from medseg.errors import ConfigError, InputError
 from medseg.io import Volume
 from medseg.planning.schema import Normalization, Plan
 from medseg.transforms.case import from_ras, to_ras
+from medseg.transforms.labels import encode_labels
 
-__all__ = ["preprocess_volume", "restore_original", "normalize", "resample_array"]
+__all__ = ["preprocess_volume", "restore_original", "restore_label", "normalize", "resample_array", "separate_axis",
+           "ANISOTROPY_RATIO"]
 
 log = logging.getLogger(__name__)
 
 
-def resample_array(array: np.ndarray, shape: tuple[int, ...] | list[int], *, is_label: bool) -> np.ndarray:
+#: A case is anisotropic when its coarsest axis spacing exceeds this many times its finest (nnU-Net's rule).
+ANISOTROPY_RATIO = 3.0
+
+
+def separate_axis(spacing: Sequence[float | None], target: Sequence[float | None] | None = None) -> int | None:
+    """The axis to resample on its own (nnU-Net's separate-z): the coarsest axis of an anisotropic spacing.
+
+    The case's own spacing (RAS voxel axes) decides first; a case that is isotropic itself but goes to an
+    anisotropic target spacing uses the target's coarsest axis. ``None`` entries (axes not resampled) and 2D
+    spacings never give a separate axis.
+
+    Args:
+        spacing: the case's spacing per voxel axis.
+        target: the configuration's spacing, or None.
+
+    Returns:
+        The axis index, or None when neither spacing is anisotropic (coarsest <= 3x finest).
+    """
+    for sp in (spacing, target):
+        if sp is None or len(sp) != 3 or any(s is None for s in sp):
+            continue
+        vals = np.asarray([float(s) for s in sp])  # type: ignore[arg-type]
+        if vals.max() > ANISOTROPY_RATIO * vals.min():
+            return int(np.argmax(vals))
+    return None
+
+
+def _axis_source(n_in: int, n_out: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``(i0, i1)`` and weight ``w`` of ``i1`` for each output index along one axis.
+
+    The mapping is ``torch.nn.functional.interpolate``'s with ``align_corners=False``: linear reads
+    ``x = (i + 0.5) * n_in / n_out - 0.5`` (clamped at the edges), nearest-exact ``floor((i + 0.5) * n_in / n_out)``.
+    """
+    scale = n_in / n_out
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * scale
+    if mode == "nearest":
+        i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+        return i0, i0, np.zeros(n_out, dtype=np.float32)
+    x = np.maximum(pos - 0.5, 0.0)
+    i0 = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (x - i0).astype(np.float32)
+
+
+def _resample_axis(t: Any, axis: int, size: int, mode: str) -> Any:
+    """Resample a float tensor along one ``axis`` to ``size`` (``linear`` or ``nearest``)."""
+    import torch
+
+    n_in = int(t.shape[axis])
+    if n_in == size:
+        return t
+    i0, i1, w = _axis_source(n_in, size, mode)
+    a = t.index_select(axis, torch.from_numpy(i0).to(t.device))
+    if mode == "nearest":
+        return a
+    b = t.index_select(axis, torch.from_numpy(i1).to(t.device))
+    shape = [1] * t.ndim
+    shape[axis] = size
+    wt = torch.from_numpy(w).to(t.device, t.dtype).reshape(shape)
+    return a.add_((b - a).mul_(wt))
+
+
+def _resample_separable(t: Any, shape: Sequence[int], modes: Sequence[str]) -> Any:
+    """Resample the spatial axes of a channel-first tensor one axis at a time (each its own mode).
+
+    Linear per axis is exactly multilinear interpolation (it is separable); shrinking axes go first so the
+    intermediates stay small.
+    """
+    order = sorted(range(len(shape)), key=lambda d: shape[d] / max(1, t.shape[1 + d]))
+    for d in order:
+        t = _resample_axis(t, 1 + d, int(shape[d]), modes[d])
+    return t
+
+
+def resample_array(array: np.ndarray, shape: tuple[int, ...] | list[int], *, is_label: bool,
+                   separate: int | None = None) -> np.ndarray:
     """Resample a channel-first array to ``shape`` (image: (bi/tri)linear, label: nearest-exact).
 
-    Uses ``torch.nn.functional.interpolate`` with ``align_corners=False`` (voxel centres scale about the
-    grid's outer edges), the same mapping :func:`restore_original` inverts.
+    Uses ``torch.nn.functional.interpolate``'s mapping with ``align_corners=False`` (voxel centres scale about
+    the grid's outer edges), the same mapping :func:`restore_original` inverts, whatever the interpolation.
+
+    Args:
+        array: ``(C, *spatial)``.
+        shape: the new spatial shape.
+        is_label: nearest-exact on every axis (the dtype is kept).
+        separate: for images of anisotropic cases (:func:`separate_axis`): this axis is resampled on its own with
+            nearest, the in-plane axes linearly (nnU-Net's separate-z resampling); None = trilinear.
+
+    Returns:
+        The resampled array (labels keep their dtype, images float32).
     """
     import torch
     import torch.nn.functional as F
@@ -42,9 +132,12 @@ def resample_array(array: np.ndarray, shape: tuple[int, ...] | list[int], *, is_
         t = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32))[None]
         out = F.interpolate(t, size=shape, mode="nearest-exact")[0].numpy()
         return np.rint(out).astype(array.dtype)
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if separate is not None:
+        modes = ["nearest" if d == separate else "linear" for d in range(nd)]
+        return _resample_separable(t, shape, modes).numpy()
     mode = "trilinear" if nd == 3 else "bilinear"
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-    return F.interpolate(t, size=shape, mode=mode, align_corners=False)[0].numpy()
+    return F.interpolate(t[None], size=shape, mode=mode, align_corners=False)[0].numpy()
 
 
 def normalize(image: np.ndarray, schemes: Sequence[Normalization]) -> np.ndarray:
@@ -104,14 +197,16 @@ def preprocess_volume(
         image: the case's image (channel-first Volume, all channels).
         plan: a :class:`~medseg.planning.Plan` (or a plan dict, validated here).
         config_name: e.g. ``"3d_fullres"`` or ``"2d"``.
-        label: its label map on the same grid, or None.
+        label: its label map on the same grid (the data's own values, those of ``plan.label_values``), or None.
 
     Returns:
-        ``(image float32 (C, *s), label int16 (1, *s) or None, props)``; ``props`` is JSON-serialisable and
+        ``(image float32 (C, *s), label int16 (1, *s) class indices or None, props)``; ``props`` is
+        JSON-serialisable and
         holds everything :func:`restore_original` needs, plus ``affine`` (the plan-space voxel-to-world affine).
 
     Raises:
-        InputError: channel count or dimensionality differ from the plan, or the label grid differs.
+        InputError: channel count or dimensionality differ from the plan, the label grid differs, or the label
+            holds a value that is not one of the plan's ``label_values``.
         ConfigError: unknown configuration.
     """
     plan = Plan.coerce(plan)
@@ -127,7 +222,8 @@ def preprocess_volume(
     arr, affine, ornt = to_ras(np.asarray(image.array, dtype=np.float32), image.affine, image.spatial_dims)
     seg = None
     if label is not None:
-        seg, _, _ = to_ras(np.asarray(label.array).astype(np.int16), label.affine, image.spatial_dims)
+        classes = encode_labels(np.asarray(label.array), plan.label_values, label.meta.get("source"))
+        seg, _, _ = to_ras(classes, label.affine, image.spatial_dims)
     ras_shape = arr.shape[1:]
     spacing = np.linalg.norm(affine[:3, : image.spatial_dims], axis=0)
 
@@ -149,7 +245,8 @@ def preprocess_volume(
     if len(target) != len(crop_shape):
         raise ConfigError(f"{config_name}.spacing", cfg.spacing, f"{len(crop_shape)} values")
     new_shape = _target_shape(crop_shape, spacing, target)
-    arr = resample_array(arr, new_shape, is_label=False)
+    sep = separate_axis(spacing.tolist(), target) if image.spatial_dims == 3 else None
+    arr = resample_array(arr, new_shape, is_label=False, separate=sep)
     if seg is not None:
         seg = resample_array(seg, new_shape, is_label=True).astype(np.int16)
     arr = normalize(arr, plan.normalization)
@@ -172,6 +269,7 @@ def preprocess_volume(
         "spacing": [float(s) * float(f) for s, f in zip(spacing, scale)],
         "affine": (affine @ m).tolist(),
         "spatial_dims": int(image.spatial_dims),
+        "separate_axis": sep,
     }
     return np.ascontiguousarray(arr, dtype=np.float32), seg, props
 
@@ -194,7 +292,8 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
     shape = tuple(props["shape"])
     if tuple(array.shape[1:]) != shape:
         raise ValueError(f"array spatial shape {tuple(array.shape[1:])} differs from the plan-space shape {shape}")
-    crop = resample_array(array if is_label else array.astype(np.float32), props["crop_shape"], is_label=is_label)
+    crop = resample_array(array if is_label else array.astype(np.float32), props["crop_shape"], is_label=is_label,
+                          separate=props.get("separate_axis"))
     ras_shape = tuple(props["ras_shape"])
     full = np.zeros((array.shape[0], *ras_shape), dtype=crop.dtype)
     if not is_label and array.shape[0] > 1:
@@ -205,3 +304,61 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
     if tuple(out.shape[1:]) != tuple(props["original_shape"]):  # pragma: no cover - guards a logic error
         raise AssertionError(f"restored shape {out.shape[1:]} != original {props['original_shape']}")
     return out
+
+
+def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22) -> np.ndarray:
+    """The class-index label on the input's original grid, by resampling probabilities there and taking the argmax.
+
+    Resampling class probabilities (or logits) and deciding on the fine grid gives smooth boundaries where a case
+    is finer than the plan's spacing (nearest-resampling the plan-space argmax gives blocky ones). The resampling
+    is :func:`restore_original`'s (linear; the separate axis of an anisotropic case nearest), done in slabs along
+    the first spatial axis, so besides the input only one slab of ``K x chunk_voxels`` floats is held at a time.
+
+    Args:
+        prob: ``(K, *props["shape"])`` probabilities or logits (numpy or a torch tensor, on any device: the work
+            runs there).
+        props: the ``props`` :func:`preprocess_volume` returned for this input.
+        chunk_voxels: the slab size, in voxels per class.
+
+    Returns:
+        int16 ``(1, *props["original_shape"])`` class indices (0 outside the nonzero crop).
+
+    Raises:
+        ValueError: ``prob`` does not have the plan-space shape recorded in ``props``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(prob)
+    shape = tuple(props["shape"])
+    if tuple(t.shape[1:]) != shape:
+        raise ValueError(f"array spatial shape {tuple(t.shape[1:])} differs from the plan-space shape {shape}")
+    if not t.is_floating_point():
+        t = t.float()
+    crop_shape = tuple(int(s) for s in props["crop_shape"])
+    sep = props.get("separate_axis")
+    modes = ["nearest" if d == sep else "linear" for d in range(len(crop_shape))]
+    i0, i1, w = _axis_source(shape[0], crop_shape[0], modes[0])
+    rest = int(np.prod(crop_shape[1:])) if len(crop_shape) > 1 else 1
+    rest_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    step = max(1, chunk_voxels // max(rest, rest_in))
+    crop = np.empty(crop_shape, dtype=np.int16)
+    idx0, idx1 = torch.from_numpy(i0).to(t.device), torch.from_numpy(i1).to(t.device)
+    wt = torch.from_numpy(w).to(t.device, t.dtype)
+    for a in range(0, crop_shape[0], step):
+        b = min(a + step, crop_shape[0])
+        slab = t.index_select(1, idx0[a:b])
+        if modes[0] == "linear":
+            other = t.index_select(1, idx1[a:b])
+            slab.add_((other - slab).mul_(wt[a:b].reshape(1, -1, *([1] * (len(shape) - 1)))))
+        if len(crop_shape) > 1 and all(m == "linear" for m in modes[1:]) and slab.shape[2:] != crop_shape[1:]:
+            mode = "bilinear" if len(crop_shape) == 3 else "linear"  # the slab's rows as the batch: one call
+            slab = F.interpolate(slab.movedim(1, 0), size=crop_shape[1:], mode=mode, align_corners=False)
+            crop[a:b] = slab.argmax(1).to(torch.int16).cpu().numpy()
+        else:
+            slab = _resample_separable(slab, (b - a, *crop_shape[1:]), modes)
+            crop[a:b] = slab.argmax(0).to(torch.int16).cpu().numpy()
+    full = np.zeros((1, *props["ras_shape"]), dtype=np.int16)
+    lo, hi = props["bbox"]
+    full[(slice(None),) + tuple(slice(x, y) for x, y in zip(lo, hi))] = crop[None]
+    return from_ras(full, props["ornt"])
