@@ -224,3 +224,28 @@ def test_2d_image_preprocess_and_inverse(target):
     ref = lab[0] == 1
     edge = ndimage.binary_dilation(ref) & ~ndimage.binary_erosion(ref)
     assert not np.any((ref ^ (back[0] == 1)) & ~edge)
+
+
+def test_acquisition_frame_puts_each_cases_coarse_axis_last_and_restores_exactly():
+    """A plan in the acquisition frame (cases stored in different orientations): the same 1x1x6 mm stack written
+    with its coarse axis on each RAS axis preprocesses to one shape (coarse axis last) and restores exactly."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    base = np.zeros((20, 18, 6), np.float32)
+    base[4:15, 3:14, 1:5] = rng.normal(100, 5, (11, 11, 4))
+    lab = (base > 0).astype(np.int16)
+    plan = _plan((1.0, 1.0, 6.0))
+    plan.configurations["cfg"] = dataclasses.replace(plan.configurations["cfg"], frame="acquisition")
+    shapes = []
+    for axes in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):  # the coarse axis lands on RAS axis 2, 0 and 1
+        img = np.transpose(base, axes)
+        seg = np.transpose(lab, axes)
+        spacing = np.array([1.0, 1.0, 6.0])[list(axes)]
+        aff = np.diag([*spacing, 1.0])
+        x, s, props = preprocess_volume(Volume(img[None], aff), plan, "cfg", Volume(seg[None], aff))
+        shapes.append(x.shape)
+        assert props["spacing"][2] == pytest.approx(6.0)  # the coarse axis is last in plan space
+        back = restore_original(s, props, is_label=True)
+        np.testing.assert_array_equal(back[0], seg)
+    assert len(set(shapes)) == 1

@@ -28,6 +28,9 @@ __all__ = ["make_plan", "save_plan", "load_plan", "plan_hash", "target_spacing",
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = SCHEMA_VERSION
+#: Bumped when preprocessing computes different arrays from the same plan (2: separate-z resampling of anisotropic
+#: cases), so caches made by an older release are not reused.
+PREPROCESSING_VERSION = 2
 
 #: CPU compute budget: voxels per training batch (8 x 40x56x40 hippocampus patches ~ 0.9 s/step in bf16).
 CPU_BATCH_VOXELS = {3: 750_000, 2: 2_000_000}
@@ -562,7 +565,8 @@ def plan_hash(plan: Plan) -> str:
     Batch size, patch size or network changes keep the hash, so they reuse the same preprocessed cache.
     """
     key = {
-        "version": plan.schema_version, "spatial_dims": plan.spatial_dims, "in_channels": plan.in_channels,
+        "version": plan.schema_version, "preprocessing": PREPROCESSING_VERSION,
+        "spatial_dims": plan.spatial_dims, "in_channels": plan.in_channels,
         "normalization": [n.to_dict() for n in plan.normalization],
         "manifest": plan.fingerprint.get("manifest_hash"),
         "configurations": {n: {"spacing": c.spacing, "slice_axis": c.slice_axis,

@@ -224,8 +224,22 @@ def preprocess_volume(
     if label is not None:
         classes = encode_labels(np.asarray(label.array), plan.label_values, label.meta.get("source"))
         seg, _, _ = to_ras(classes, label.affine, image.spatial_dims)
-    ras_shape = arr.shape[1:]
     spacing = np.linalg.norm(affine[:3, : image.spatial_dims], axis=0)
+    # an "acquisition" frame plan (cases of one data set stored in different orientations): this case's axes are
+    # permuted so that its own coarse axis comes last, as the plan's spacing, patch and network expect
+    perm = list(range(image.spatial_dims))
+    if cfg.frame == "acquisition":
+        from medseg.planning.plan import acquisition_permutation
+
+        perm = acquisition_permutation(spacing.tolist())
+    if perm != sorted(perm):
+        axes = [0] + [p + 1 for p in perm]
+        arr = np.ascontiguousarray(arr.transpose(axes))
+        seg = None if seg is None else np.ascontiguousarray(seg.transpose(axes))
+        affine = affine.copy()
+        affine[:, : image.spatial_dims] = affine[:, perm]
+        spacing = spacing[perm]
+    ras_shape = arr.shape[1:]
 
     # crop to the nonzero region of the image (any channel), as nnU-Net does
     from monai.transforms.utils import generate_spatial_bounding_box
@@ -270,8 +284,17 @@ def preprocess_volume(
         "affine": (affine @ m).tolist(),
         "spatial_dims": int(image.spatial_dims),
         "separate_axis": sep,
+        "frame_perm": [int(p) for p in perm],
     }
     return np.ascontiguousarray(arr, dtype=np.float32), seg, props
+
+
+def _to_input_grid(full: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+    """A ``(C, *frame shape)`` array back into the input's voxel order: undo the frame permutation, then RAS."""
+    perm = props.get("frame_perm")  # absent in props of the first release: RAS frame
+    if perm and list(perm) != sorted(perm):
+        full = full.transpose([0] + [int(i) + 1 for i in np.argsort(perm)])
+    return from_ras(full, props["ornt"])
 
 
 def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool) -> np.ndarray:
@@ -300,7 +323,7 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
         full[0] = 1.0
     lo, hi = props["bbox"]
     full[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))] = crop
-    out = from_ras(full, props["ornt"])
+    out = _to_input_grid(full, props)
     if tuple(out.shape[1:]) != tuple(props["original_shape"]):  # pragma: no cover - guards a logic error
         raise AssertionError(f"restored shape {out.shape[1:]} != original {props['original_shape']}")
     return out
@@ -361,4 +384,4 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
     full = np.zeros((1, *props["ras_shape"]), dtype=np.int16)
     lo, hi = props["bbox"]
     full[(slice(None),) + tuple(slice(x, y) for x, y in zip(lo, hi))] = crop[None]
-    return from_ras(full, props["ornt"])
+    return _to_input_grid(full, props)
