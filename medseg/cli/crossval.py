@@ -30,11 +30,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import sys
 
-    from medseg.cli.train import ProgressBar, overrides
+    from medseg.cli.train import ProgressBar, overrides, prepare_run
     from medseg.training.config import load_pipeline
     from medseg.training.crossval import run_crossval
 
     pipeline = load_pipeline(args.config, overrides(args))
+    prepare_run(pipeline, args, args.folds if args.folds is not None else range(pipeline.folds))
     bars: dict[int, ProgressBar] = {}
 
     def progress(fold: int, info: dict) -> None:

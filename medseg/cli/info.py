@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(path, "is a dangling symbolic link (or a link loop)", "a link to an existing image")
         raise InputError(path, "does not exist")
     out: dict = {"path": str(path)}
     volume = None

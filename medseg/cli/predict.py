@@ -50,18 +50,39 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Run ``medseg predict``; returns 1 when any case failed."""
+    """Run ``medseg predict``; returns 1 when any case failed (or the report could not be written)."""
+    from pathlib import Path
+
     from tqdm import tqdm
 
+    from medseg.errors import MedsegError
     from medseg.inference import Predictor
-    from medseg.inference.batch import discover_cases, parse_shard, predict_cases, shard_cases, write_report
+    from medseg.inference.batch import (
+        ReportWriter,
+        _report_size,
+        account_inputs,
+        discover_inputs,
+        parse_shard,
+        predict_cases,
+        prepare_output,
+        shard_cases,
+        write_report,
+    )
 
     t0 = time.perf_counter()
     shard = parse_shard(args.shard)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        prepare_output(out)  # refuses an existing file before the model is loaded
     predictor = Predictor.from_run(args.model, folds=args.folds, device=args.device, tta=not args.no_tta,
                                    overlap=args.overlap, batch_size=args.batch_size, amp=args.amp,
                                    postprocess=not args.no_postprocessing, compile=args.compile)
-    cases = shard_cases(discover_cases(args.input, predictor.record.in_channels), shard)
+    discovery = discover_inputs(args.input, predictor.record.in_channels, exclude=[out])
+    prepare_output(out, args.input)
+    for entry in discovery.skipped():
+        print(f"medseg predict: {Path(args.input) / entry.path}: skipped ({entry.reason})", file=sys.stderr)
+    cases = shard_cases(discovery.cases, shard)
+    writer = ReportWriter(out, shard, reserve=_report_size(len(cases), len(discovery.entries)))
     bar = tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr, disable=None)
 
     def on_case(res) -> None:
@@ -70,17 +91,28 @@ def run(args) -> int:
             bar.write(f"medseg predict: {res.case_id}: FAILED: {res.error}", file=sys.stderr)
 
     try:
-        results = predict_cases(predictor, cases, args.output, output_format=args.output_format,
+        results = predict_cases(predictor, cases, out, output_format=args.output_format,
                                 probabilities=args.save_probabilities, uncertainty=args.uncertainty,
                                 overwrite=args.overwrite, on_case=on_case, strict_geometry=args.strict_geometry)
+    except BaseException:
+        writer.discard()
+        raise
     finally:
         bar.close()
+    entries = account_inputs(discovery, results, shard)
     info = {"model_dir": str(args.model), "folds": getattr(predictor, "folds", None),
             "configuration": predictor.config_name, "input": str(args.input), "device": str(predictor.device),
             "tta": not args.no_tta, "overlap": args.overlap, "compile": args.compile, "output_format": args.output_format,
             "shard": args.shard, "seconds": round(time.perf_counter() - t0, 2)}
-    report = write_report(args.output, results, info, shard)
     n = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
-    print(f"medseg predict: {n['written']} written, {n['skipped']} already done, {n['failed']} failed; "
-          f"masks in {args.output} (report: {report})")
+    n_skipped = sum(e.status == "skipped" and e.case_id is None for e in entries)
+    summary = (f"medseg predict: {n['written']} written, {n['skipped']} already done, {n['failed']} failed"
+               + (f", {n_skipped} input entr{'y' if n_skipped == 1 else 'ies'} skipped" if n_skipped else ""))
+    try:
+        report = write_report(out, results, info, shard, inputs=entries, writer=writer)
+    except MedsegError as exc:
+        print(f"{summary}; masks in {args.output}", flush=True)
+        print(f"medseg predict: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{summary}; masks in {args.output} (report: {report})")
     return 1 if n["failed"] else 0

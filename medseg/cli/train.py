@@ -85,6 +85,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def prepare_run(pipeline, args, folds) -> None:
+    """Boundary checks and cleanup before training: the YAML's voxel limit (unless --max-voxels), a run folder that
+    is not a file, and no temporaries of a killed earlier run left in the fold folders this process owns."""
+    import os
+
+    from medseg.errors import InputError
+    from medseg.io.atomic import remove_stale_temporaries
+    from medseg.io.guard import set_max_voxels
+
+    if pipeline.max_voxels is not None and getattr(args, "max_voxels", None) is None:
+        set_max_voxels(pipeline.max_voxels)
+    if pipeline.output.exists() and not pipeline.output.is_dir():
+        raise InputError(pipeline.output, "exists and is not a folder", "a run folder (new or existing), --output")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for k in folds:
+            remove_stale_temporaries(pipeline.output / f"fold_{k}")
+
+
 def run(args) -> int:
     import os
     import sys
@@ -93,6 +111,7 @@ def run(args) -> int:
     from medseg.training.fold import train_fold
 
     pipeline = load_pipeline(args.config, overrides(args))
+    prepare_run(pipeline, args, [args.fold])
     rank = int(os.environ.get("RANK", "0"))
     bar = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {args.fold}")
     try:

@@ -19,7 +19,7 @@ import numpy as np
 from medseg.data.manifest import Case, Manifest
 from medseg.errors import InputError
 
-__all__ = ["Problem", "CaseSummary", "CheckReport", "check_case", "check_dataset"]
+__all__ = ["Problem", "CaseSummary", "CheckReport", "check_case", "check_dataset", "declaration_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def check_dataset(
         The report: one :class:`Problem` per problem found, and per-case summaries.
     """
     report = CheckReport(manifest, [Problem.from_line(line) for line in manifest.problems])
+    report.problems.extend(declaration_problems(manifest))
     ids = [c.case_id for c in manifest.cases]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -154,6 +155,33 @@ def check_dataset(
         report.cases.append(summary)
     log.info("checked %d cases: %d errors, %d warnings", len(manifest.cases), len(report.errors), len(report.warnings))
     return report
+
+
+def declaration_problems(manifest: Manifest) -> list[Problem]:
+    """What the data set declares against what it holds: labels declared at all, ``numTraining`` equal to the cases
+    found.
+
+    A dataset.json without ``labels`` is an error (training would have to guess the classes from the label maps);
+    a layout with no dataset.json at all gets a warning for the same reason.
+    """
+    out: list[Problem] = []
+    where = str(manifest.dataset_json or manifest.root)
+    declared = manifest.declared or {}
+    if not manifest.labels:
+        if manifest.dataset_json is not None:
+            out.append(Problem(where, "declares no 'labels'",
+                               '"labels" naming every label value, e.g. {"0": "background", "1": "tumour"} (MSD) or '
+                               '{"background": 0, "tumour": 1} (nnU-Net v2)'))
+        elif manifest.layout:
+            out.append(Problem(where, "declares no labels (no dataset.json beside the data)",
+                               "a dataset.json with \"labels\" so that the classes are named, not guessed",
+                               severity="warning"))
+    n_declared = declared.get("numTraining")
+    if isinstance(n_declared, int) and not isinstance(n_declared, bool) and n_declared != len(manifest.cases):
+        n_labelled = sum(c.label is not None for c in manifest.cases)
+        out.append(Problem(where, f"numTraining is {n_declared} but {len(manifest.cases)} case(s) were found "
+                           f"({n_labelled} with a label)", "numTraining equal to the number of training cases"))
+    return out
 
 
 def check_case(case: Case, manifest: Manifest, *, atol: float = 1e-3) -> tuple[list[Problem], CaseSummary]:

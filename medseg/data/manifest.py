@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
+from medseg.io.registry import IMAGE_SUFFIXES, split_suffix
 
 __all__ = ["Case", "Manifest", "load_manifest", "write_manifest_csv", "IMAGE_ENDINGS", "split_ending"]
 
 log = logging.getLogger(__name__)
 
-#: File endings medseg reads as images (longest first so that ``.nii.gz`` wins over ``.gz``).
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tiff", ".tif")
+#: File endings medseg reads as images: the format table's (:data:`medseg.io.IMAGE_SUFFIXES`), longest first.
+IMAGE_ENDINGS = IMAGE_SUFFIXES
 _ENDINGS_2D = (".png", ".tif", ".tiff")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -72,6 +73,10 @@ class Manifest:
         channel_names: channel index -> modality, e.g. ``{0: "MRI"}``.
         spatial_dims: 2 for PNG/TIFF data sets, 3 for volumes, None when unknown until read.
         problems: one line per problem found while discovering (unpaired files, missing files).
+        layout: the layout it was read as (``"CSV"``, ``"nnU-Net"``, ``"MSD"``, ``"images/labels"``; "" if built
+            by hand).
+        dataset_json: the dataset.json that describes it, if any.
+        declared: the dataset.json's content (what it declares: ``labels``, ``numTraining``, ...), ``{}`` without one.
     """
 
     root: Path
@@ -81,6 +86,9 @@ class Manifest:
     channel_names: dict[int, str] = field(default_factory=dict)
     spatial_dims: int | None = None
     problems: list[str] = field(default_factory=list)
+    layout: str = ""
+    dataset_json: Path | None = None
+    declared: dict = field(default_factory=dict)
 
     def hash(self) -> str:
         """Stable SHA-256 of the case ids, patient ids and paths relative to ``root``.
@@ -122,11 +130,7 @@ def split_ending(name: str) -> tuple[str, str]:
     Returns:
         ``(stem, ending)``; ending is ``""`` for a name without a known image ending.
     """
-    low = name.lower()
-    for ending in IMAGE_ENDINGS:
-        if low.endswith(ending):
-            return name[: -len(ending)], name[-len(ending):]
-    return name, ""
+    return split_suffix(name)
 
 
 def load_manifest(
@@ -172,9 +176,11 @@ def _load(path: Path, patient_regex: str | None, file_ending: str | None) -> Man
     ds_json = path / "dataset.json"
     if ds_json.is_file():
         meta = _read_json(ds_json)
-        if "channel_names" in meta or "file_ending" in meta:
+        _check_declared_types(meta, ds_json)
+        lists_cases = isinstance(meta.get("training"), list) and bool(meta["training"])
+        if not lists_cases and ("channel_names" in meta or "file_ending" in meta):
             return _finish(_from_nnunet(path, meta, file_ending), regex, "nnU-Net")
-        if "training" in meta:
+        if "training" in meta:  # a file that lists its cases is taken at its word (even with nnU-Net keys)
             return _finish(_from_msd(path, meta), regex, "MSD")
         if (dicom := _from_dicom_folders(path)) is not None:
             return _finish(dicom, regex, "DICOM folders")
@@ -214,7 +220,7 @@ def write_manifest_csv(manifest: Manifest, path: str | Path) -> None:
 def _from_csv(csv_path: Path) -> tuple[Manifest, bool]:
     root = csv_path.parent
     try:
-        with open(csv_path, newline="") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.DictReader(fh))
             columns = [c.strip() for c in (rows[0].keys() if rows else [])]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -246,6 +252,8 @@ def _from_csv(csv_path: Path) -> tuple[Manifest, bool]:
     name = str(meta.get("name", root.name))
     has_patients = "patient_id" in columns
     man = Manifest(root, name, cases, labels, channels, _dims_from(meta, cases), problems)
+    if meta:
+        man.dataset_json, man.declared = root / "dataset.json", meta
     return man, has_patients
 
 
@@ -258,6 +266,10 @@ def _from_msd(root: Path, meta: dict) -> tuple[Manifest, bool]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry:
             raise InputError(ds_json, f"training entry {i} is {entry!r}", "{\"image\": path, \"label\": path}")
+        for key in ("image", "label"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise InputError(ds_json, f"training[{i}].{key} is {entry[key]!r} ({type(entry[key]).__name__})",
+                                 "a path string relative to dataset.json")
         img = Path(os.path.normpath(root / entry["image"]))
         lab = Path(os.path.normpath(root / entry["label"])) if entry.get("label") else None
         cid = split_ending(img.name)[0]
@@ -271,8 +283,12 @@ def _from_msd(root: Path, meta: dict) -> tuple[Manifest, bool]:
             if p.resolve() not in listed:
                 problems.append(f"{p}: {what} not listed in dataset.json 'training' (unpaired {what}); "
                                 f"expected an entry pairing it with its {'label' if what == 'image' else 'image'}")
+    if not cases:
+        raise InputError(ds_json, "lists no cases in 'training' (an empty list)",
+                         "one {\"image\": ..., \"label\": ...} entry per training case")
     labels, channels = _labels_and_channels(meta, ds_json)
     man = Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, _dims_from(meta, cases), problems)
+    man.dataset_json, man.declared = ds_json, meta
     return man, False
 
 
@@ -315,8 +331,18 @@ def _from_nnunet(root: Path, meta: dict, file_ending: str | None) -> tuple[Manif
         cases.append(Case(cid, "", [chans[i] for i in range(n_ch)], label))
     for cid, p in labels_found.items():
         problems.append(f"{p}: label of case {cid} has no image (unpaired label); expected {img_dir / (cid + '_0000' + ending)}")
+    if not cases:
+        files = [p.name for p in sorted(img_dir.iterdir()) if not p.name.startswith(".")]
+        found = (f"found {len(files)} entr{'y' if len(files) == 1 else 'ies'}: " + ", ".join(files[:5])
+                 + (f" and {len(files) - 5} more" if len(files) > 5 else "")) if files else "it is empty"
+        raise InputError(img_dir, f"holds no nnU-Net cases: looked for CASE_0000{ending}"
+                         + (f" .. CASE_{n_ch - 1:04d}{ending}" if n_ch > 1 else "")
+                         + f" (file_ending {ending!r} from {'--file-ending' if file_ending else 'dataset.json'}); "
+                         + found, "image files named CASE_XXXX" + ending + " (or a dataset.json 'training' list)")
     dims = 2 if ending.lower() in _ENDINGS_2D else 3
-    return Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, dims, problems), False
+    man = Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, dims, problems)
+    man.dataset_json, man.declared = ds_json, meta
+    return man, False
 
 
 def _from_folders(root: Path, img_dir: Path, lab_dir: Path, file_ending: str | None) -> tuple[Manifest, bool]:
@@ -347,6 +373,8 @@ def _from_folders(root: Path, img_dir: Path, lab_dir: Path, file_ending: str | N
         n_ch = max(len(c.images) for c in cases)
         channels = {i: f"channel_{i}" for i in range(n_ch)}
     man = Manifest(root, str(meta.get("name", root.name)), cases, lab_names, channels, _dims_from(meta, cases), problems)
+    if meta:
+        man.dataset_json, man.declared = root / "dataset.json", meta
     return man, False
 
 
@@ -366,6 +394,7 @@ def _from_dicom_folders(root: Path) -> tuple[Manifest, bool] | None:
 
 def _finish(built: tuple[Manifest, bool], regex: re.Pattern | None, layout: str) -> Manifest:
     man, has_patients = built
+    man.layout = layout
     man.cases.sort(key=lambda c: c.case_id)
     if has_patients and all(c.patient_id for c in man.cases):
         source = "the CSV's patient_id column"
@@ -461,24 +490,63 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+#: dataset.json keys medseg reads, with the JSON type each must have.
+_DECLARED_TYPES = {"labels": (dict, "an object such as {\"0\": \"background\", \"1\": \"tumour\"}"),
+                   "channel_names": (dict, "an object such as {\"0\": \"CT\"}"),
+                   "modality": (dict, "an object such as {\"0\": \"CT\"}"),
+                   "training": (list, "a list of {\"image\": ..., \"label\": ...} entries"),
+                   "file_ending": (str, "a string such as \".nii.gz\""),
+                   "numTraining": (int, "an integer number of training cases"),
+                   "name": ((str, int), "a string")}
+
+
+def _check_declared_types(meta: dict, where: Path) -> None:
+    """Each key medseg reads from a dataset.json has its JSON type (one line naming key, value and type)."""
+    for key, (types, expected) in _DECLARED_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (types is int and isinstance(value, bool)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(where, f"'{key}' is {shown} ({_json_type(value)})", expected)
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
 def _labels_and_channels(meta: dict, where: Path) -> tuple[dict[int, str], dict[int, str]]:
     """MSD labels are ``{"0": "background"}``; nnU-Net v2 labels are ``{"background": 0}``."""
+    _check_declared_types(meta, where)
     labels: dict[int, str] = {}
     for k, v in (meta.get("labels") or {}).items():
         try:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                labels[int(v)] = str(k)
+                if float(v) != int(v):
+                    raise ValueError
+                value, name = int(v), str(k)
             elif isinstance(v, list):
                 raise InputError(where, f"label {k!r} is a region {v} (nnU-Net region-based training)",
                                  "one integer value per label name")
+            elif isinstance(v, (dict, bool)) or v is None:
+                raise ValueError
             else:
-                labels[int(k)] = str(v)
-        except ValueError:
+                value, name = int(k), str(v)
+        except (ValueError, OverflowError):
             raise InputError(where, f"label entry {k!r}: {v!r} has no integer value",
                              "labels as {\"0\": \"background\", ...} or {\"background\": 0, ...}") from None
+        if value < 0:
+            raise InputError(where, f"label {name!r} has the negative value {value}", "label values >= 0")
+        if value in labels:
+            raise InputError(where, f"labels {labels[value]!r} and {name!r} share the value {value}",
+                             "one name per label value")
+        labels[value] = name
     chans_src = meta.get("channel_names") or meta.get("modality") or {}
     try:
         channels = {int(k): str(v) for k, v in chans_src.items()}
+        if any(k < 0 for k in channels):
+            raise ValueError
     except (ValueError, AttributeError):
         raise InputError(where, f"channel names {chans_src!r} are not keyed by channel index",
                          "{\"0\": \"CT\", ...}") from None

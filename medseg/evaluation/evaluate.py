@@ -19,6 +19,7 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import TMP_MARKER, atomic_path
+from medseg.io.registry import IMAGE_SUFFIXES, split_suffix
 from medseg.metrics import DEFAULT_NSD_TOLERANCE_MM, binary_metrics, compute_metrics
 
 __all__ = [
@@ -35,8 +36,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: File endings treated as images/label maps, longest first.
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tiff", ".tif")
+#: File endings treated as images/label maps: the format table's (:data:`medseg.io.IMAGE_SUFFIXES`), longest first.
+SUFFIXES = IMAGE_SUFFIXES
 
 
 @dataclass
@@ -63,10 +64,8 @@ def case_id_of(path: str | Path) -> str | None:
     name = Path(path).name
     if name.startswith(".") or TMP_MARKER in name:
         return None
-    for suffix in SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
+    stem, suffix = split_suffix(name)
+    return stem if suffix else None
 
 
 def list_cases(folder: str | Path) -> dict[str, Path]:

@@ -97,13 +97,24 @@ def _candidate_files(folder: Path) -> list[Path]:
 def _read_header(path: Path):
     """pydicom dataset without pixel data, or None when ``path`` is not a DICOM file."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for _ in ds.iterall():  # convert every value now: a damaged one fails here, not deep in the geometry code
+            pass
+        return ds
+    except Exception as exc:  # InvalidDicomError, EOFError, OSError, and on damaged headers struct.error,
+        # BytesLengthException, ... (found by fuzzing): the file is not usable DICOM, whatever the type
         log.debug("skipping %s: not readable as DICOM (%s)", path.name, type(exc).__name__)
         return None
+
+
+def _has_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _is_image(ds) -> tuple[bool, str]:
@@ -133,6 +144,9 @@ def list_dicom_series(folder: str | Path) -> list[SeriesInfo]:
     groups: dict[str, list] = defaultdict(list)
     for f in _candidate_files(folder):
         ds = _read_header(f)
+        if ds is None and _has_preamble(f):  # a damaged DICOM file is refused, not left out of its series
+            raise InputError(f, "is a damaged DICOM file (its header cannot be parsed)",
+                             "complete DICOM files (copy the series again)")
         if ds is None or "SeriesInstanceUID" not in ds:
             continue
         groups[str(ds.SeriesInstanceUID)].append((f, ds))
@@ -349,6 +363,9 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None, *, strict
             raise
         irregular = exc.geometry
         files, affine_lps, sops = irregular.files, np.eye(4), []
+    from medseg.io.guard import check_dicom_pixel_data
+
+    check_dicom_pixel_data(files, path)  # size limit and truncated pixel data, before anything is decoded
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     try:

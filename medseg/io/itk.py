@@ -149,18 +149,59 @@ def _itk_reason(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse a MetaImage ``NDims`` that ITK's MetaIO cannot take: an out-of-range value crashes it with a
+    segmentation fault in ``ReadImageInformation`` (found by fuzzing), so it is checked here first."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror})", "a readable file") from None
+    for raw in head.split(b"\n"):
+        key, sep, value = raw.partition(b"=")
+        key = key.strip().lower()
+        if key == b"elementdatafile":
+            break
+        if sep and key == b"ndims":
+            text = value.strip().decode("latin-1")
+            if not (text.isdigit() and 1 <= int(text) <= 8):
+                raise InputError(path, f"declares NDims = {text[:20]!r}", "a MetaImage header with NDims 2 or 3")
+
+
 def read_sitk_image(path: Path):
     """``SimpleITK.ReadImage`` with medseg's one-line errors (shared by the NRRD/MHA and PNG/TIFF readers).
 
+    The header is read first (``ReadImageInformation``) and its declared size checked against the voxel limit
+    (:func:`medseg.io.guard.check_voxels`), so that no pixel buffer is allocated or decompressed for a file that
+    declares more than the limit.
+
     Raises:
-        InputError: missing, unreadable or corrupt file.
+        InputError: missing, unreadable, corrupt or too large file; complex pixels.
     """
     import SimpleITK as sitk
 
+    from medseg.io.guard import check_voxels
+
     if not path.is_file():
         raise InputError(path, "does not exist or is not a file")
+    if path.suffix.lower() in (".mha", ".mhd"):
+        _check_metaimage_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})",
+                         f"a valid {path.suffix} file") from None
+    size = tuple(int(s) for s in reader.GetSize())
+    components = int(reader.GetNumberOfComponents() or 1)
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())
+    if "complex" in pixel_type.lower():
+        raise InputError(path, f"holds complex voxel values ({pixel_type})",
+                         "a real-valued image (save the magnitude first)")
+    check_voxels(path, size, components)
+    try:
+        return reader.Execute()
     except RuntimeError as exc:
         raise InputError(path, f"cannot be read as an image ({_itk_reason(exc)})",
                          f"a valid {path.suffix} file") from None

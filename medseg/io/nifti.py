@@ -16,6 +16,8 @@ do not support: it is written as the smallest of uint8, int16, int32 that holds 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -33,19 +35,30 @@ def read_nifti(path: str | Path) -> Volume:
     """Read a ``.nii``/``.nii.gz`` file into a channel-first :class:`Volume`.
 
     A 4D image becomes a multi-channel 3D volume (the 4th axis moves first); a 2D image (or 3D with one slice
-    declared 2D by ``dim[0] == 2``) is 2D.
+    declared 2D by ``dim[0] == 2``) is 2D. RGB24/RGBA32 voxels become 3/4 channels.
+
+    The header is checked before any voxel is read or decompressed: a grid larger than the voxel limit
+    (:mod:`medseg.io.guard`), complex voxels, a zero voxel size where the geometry comes from ``pixdim`` (no sform),
+    and an uncompressed file shorter than its header declares are refused.
 
     Raises:
-        InputError: unreadable, truncated or non-NIfTI file, or a non-invertible affine.
+        InputError: unreadable, truncated or non-NIfTI file, a refused header, or a non-invertible affine.
     """
     import nibabel as nib
 
     path = Path(path)
+    warnings_: list[str] = []
+    raw = _raw_header(path)
+    if raw is not None:
+        _check_header(path, raw, warnings_)
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        with _nibabel_quiet():
+            img = nib.load(str(path))
+            data = np.asanyarray(img.dataobj)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(path, f"cannot be read as NIfTI ({type(exc).__name__}: {_first_line(exc)})",
                          "a valid .nii or .nii.gz file") from None
@@ -53,8 +66,15 @@ def read_nifti(path: str | Path) -> Volume:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "has a non-invertible voxel-to-world affine", "a header with valid pixdim and qform/sform")
+    file_shape = tuple(int(v) for v in data.shape)
     spatial_dims = 3
-    if data.ndim in (2, 3):
+    if data.dtype.names:  # RGB24 / RGBA32: one structured value per voxel -> channels
+        if data.ndim not in (2, 3):
+            raise InputError(path, f"is an RGB image with {data.ndim} dimensions {data.shape}", "a 2D or 3D RGB image")
+        array = np.stack([np.asarray(data[name]) for name in data.dtype.names], axis=0)
+        spatial_dims = data.ndim
+        file_shape = (*file_shape, len(data.dtype.names))
+    elif data.ndim in (2, 3):
         array = data[None]
         spatial_dims = data.ndim
     elif data.ndim == 4:
@@ -66,19 +86,118 @@ def read_nifti(path: str | Path) -> Volume:
     else:
         raise InputError(path, f"has {data.ndim} dimensions {data.shape}",
                          "a 2D, 3D or 4D (channels) image, or a 5D vector image (x, y, z, 1, c)")
-    qform, qcode = hdr.get_qform(coded=True)
-    sform, scode = hdr.get_sform(coded=True)
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
     meta = {
         "source": str(path),
         "format": "nifti",
-        "qform_code": int(qcode),
-        "sform_code": int(scode),
-        "intent": hdr.get_intent(),
+        "qform_code": qcode,
+        "sform_code": scode,
+        "intent": _header_field(hdr.get_intent, path, "intent_code", warnings_),
         "disk_dtype": str(hdr.get_data_dtype()),
-        "xyzt_units": hdr.get_xyzt_units(),
-        "file_shape": tuple(int(v) for v in data.shape),
+        "xyzt_units": _header_field(hdr.get_xyzt_units, path, "xyzt_units", warnings_),
+        "file_shape": file_shape,
     }
+    if warnings_:
+        meta["warnings"] = warnings_
     return Volume(np.ascontiguousarray(array), affine, spatial_dims, meta)
+
+
+def _header_field(getter, path: Path, name: str, warnings_: list[str]):
+    """A descriptive header field, or None (with a warning) when its code is one nibabel does not know."""
+    try:
+        return getter()
+    except (KeyError, ValueError, IndexError):
+        msg = f"{path}: unknown {name} code ignored"
+        log.warning(msg)
+        warnings_.append(msg)
+        return None
+
+
+def _raw_header(path: Path):
+    """The NIfTI-1/2 header exactly as stored (nibabel's loader silently repairs some fields), or None."""
+    import struct
+
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as fh:
+            head = fh.read(540)
+    except Exception:  # not gzip, unreadable: nib.load gives the one-line reason
+        return None
+    if len(head) < 348:
+        return None
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", head[:4])[0]
+        klass = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(size)
+        if klass is not None and len(head) >= size:
+            try:
+                return klass.from_fileobj(io.BytesIO(head[:size]), check=False)
+            except Exception:
+                return None
+    return None
+
+
+def _check_header(path: Path, hdr, warnings_: list[str]) -> None:
+    from medseg.io.guard import check_voxels
+
+    try:
+        shape = tuple(int(v) for v in hdr.get_data_shape())
+        dtype = hdr.get_data_dtype()
+    except Exception:  # a malformed dim or datatype field: nib.load gives the one-line reason
+        return
+    if dtype.kind == "c":
+        raise InputError(path, f"holds complex voxel values ({dtype})",
+                         "a real-valued image (save the magnitude, e.g. numpy.abs, first)")
+    check_voxels(path, shape, len(dtype.names) if dtype.names else 1)
+    if not path.name.lower().endswith(".gz"):
+        try:
+            offset = int(hdr.get_data_offset())
+        except Exception:
+            offset = 352
+        need = offset + int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        have = path.stat().st_size
+        if have < need:
+            raise InputError(path, f"is truncated: its header declares {need - offset} bytes of voxel data from "
+                             f"byte {offset}, the file holds {max(0, have - offset)}", "a complete .nii file")
+    if int(hdr["sform_code"]) == 0:  # the affine then comes from pixdim (qform or the fallback)
+        pixdim = np.asarray(hdr["pixdim"], dtype=np.float64)
+        k = min(len(shape), 3)
+        bad = [i for i in range(1, k + 1) if not np.isfinite(pixdim[i]) or pixdim[i] == 0]
+        if bad:
+            raise InputError(path, f"declares voxel size {pixdim[bad[0]]:g} along axis {bad[0] - 1} (pixdim[{bad[0]}]) "
+                             "and has no sform", "positive voxel sizes in pixdim[1..3] (fix the header; medseg does "
+                             "not guess a voxel size)")
+        neg = [i for i in range(1, k + 1) if pixdim[i] < 0]
+        if neg:
+            msg = f"{path}: negative voxel size in pixdim[{neg[0]}] taken as its absolute value"
+            log.warning(msg)
+            warnings_.append(msg)
+
+
+@contextlib.contextmanager
+def _nibabel_quiet():
+    """nibabel logs its header repairs to stderr; medseg keeps them at debug level (its own checks come first)."""
+    logger = logging.getLogger("nibabel")
+    handler = _ToDebug()
+    old = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    saved = [(h, h.level) for h in logging.getLogger("nibabel.global").handlers]
+    for h, _ in saved:
+        h.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+        for h, level in saved:
+            h.setLevel(level)
+
+
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("nibabel: %s", record.getMessage())
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype: np.dtype | str | None = None) -> None:

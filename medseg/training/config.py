@@ -17,13 +17,16 @@ train:                                     # TrainConfig fields
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError, InputError
 
-__all__ = ["TrainConfig", "PipelineConfig", "load_pipeline", "pipeline_from_dict"]
+__all__ = ["TrainConfig", "PipelineConfig", "load_pipeline", "pipeline_from_dict", "check_types"]
 
 _CHOICES = {
     "optimizer": ("sgd", "adamw"),
@@ -137,6 +140,7 @@ class PipelineConfig:
     splits: Path | None = None  # an existing splits.json to use; default OUTPUT/splits.json (made if absent)
     plan: Path | None = None  # an existing plan.json; default: planned from the data
     recipe: str | None = None  # which training recipe filled the options the YAML left out, and why
+    max_voxels: int | None = None  # voxel limit of every read (medseg.io.guard); None: from the available memory
     train: TrainConfig = field(default_factory=TrainConfig)
     # other names of declared labels in DICOM-SEG / RTSTRUCT label files: {liver: [Leber, LIVER_auto]}
     label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -147,6 +151,64 @@ class PipelineConfig:
         for key in ("dataset", "output", "cache", "splits", "plan"):
             d[key] = None if d[key] is None else str(d[key])
         return d
+
+
+def _type_text(tp: Any) -> str:
+    """``int | None`` -> ``"an integer or null"``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_text(a) for a in typing.get_args(tp) if a is not type(None)]
+        nullable = type(None) in typing.get_args(tp)
+        return " or ".join(parts) + (" or null" if nullable else "")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return "a list" + (f" of {_type_text(item).removeprefix('an ').removeprefix('a ')}s" if item is not Any else "")
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    if origin is list:
+        args = typing.get_args(tp)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def check_types(cls: type, data: dict[str, Any], *, prefix: str = "") -> None:
+    """Check every value of ``data`` against the annotated type of the field of dataclass ``cls`` it sets.
+
+    Integers are not booleans, numbers must be finite, paths are strings, and None only where the field allows
+    it, so that ``folds: two`` or ``lr: fast`` fails here, naming the key, rather than deep inside training.
+
+    Raises:
+        ConfigError: ``PREFIXkey='value' is invalid; expected <type>``.
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is not None and not _type_ok(value, tp):
+            raise ConfigError(f"{prefix}{key}", value, _type_text(tp))
 
 
 def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where: str = "config") -> PipelineConfig:
@@ -173,12 +235,26 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
     for key in ("name", "dataset"):
         if not data.get(key):
             raise ConfigError(f"{where}: {key}", data.get(key), "a non-empty value")
+    data = dict(data)
+    if data.get("max_voxels") is not None:
+        from medseg.io.guard import parse_max_voxels
+
+        try:
+            data["max_voxels"] = parse_max_voxels(data["max_voxels"])
+        except ConfigError:
+            raise ConfigError(f"{where}: max_voxels", data["max_voxels"],
+                              "a positive number of voxels, e.g. 2e9 or 500M") from None
+    if data.get("train") is not None and not isinstance(data["train"], dict):
+        raise ConfigError(f"{where}: train", data["train"], "a mapping of training options (train: {epochs: ...})")
+    check_types(PipelineConfig, {k: v for k, v in data.items() if k != "train" and not (k == "output" and v is None)},
+                prefix=f"{where}: ")
     train_data = dict(data.get("train") or {})
     tfields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(train_data) - tfields
     if unknown:
         raise ConfigError(f"train.{sorted(unknown)[0]}", train_data[sorted(unknown)[0]],
                           "a known option: " + ", ".join(sorted(tfields)))
+    check_types(TrainConfig, train_data, prefix=f"{where}: train.")
     train = TrainConfig(**train_data).validate()
 
     def _path(v: Any, rel_to: Path | None) -> Path | None:
@@ -197,6 +273,7 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         configuration=str(data.get("configuration", "3d_fullres")),
         patient_regex=data.get("patient_regex"),
         file_ending=data.get("file_ending"),
+        max_voxels=data.get("max_voxels"),
         folds=folds,
         seed=int(data.get("seed", 0)),
         cache=_path(data.get("cache"), base),
@@ -250,7 +327,7 @@ def load_pipeline(path: str | Path | None, overrides: dict[str, Any] | None = No
         except yaml.YAMLError as exc:
             raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})", "a YAML mapping") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(str(path), type(loaded).__name__, "a YAML mapping of pipeline options")
+            raise ConfigError(str(path), f"a YAML {type(loaded).__name__}", "a YAML mapping of pipeline options (name: ...)")
         data = dict(loaded or {})
         base, where = path.resolve().parent, str(path)
     if data.get("train") is not None and not isinstance(data["train"], dict):
