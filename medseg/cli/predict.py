@@ -23,7 +23,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", required=True, metavar="IN", help="input file or folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("-m", "--model", required=True, metavar="MODEL_DIR", help="run folder (medseg crossval/train)")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL",
+                   help="run folder (medseg crossval/train), model package .zip, or installed model name")
     p.add_argument("--folds", type=int, nargs="+", metavar="K", help="folds to ensemble (default: all of the run)")
     p.add_argument("--no-tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
@@ -31,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default from the plan)")
     p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="mixed precision (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="network runtime inside the sliding-window engine")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="overrides --amp; int8 (CPU) needs --runtime onnxruntime")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each fold's network once (faster full window batches on large volumes; "
                         "not for small crops)")
@@ -49,14 +54,15 @@ def run(args) -> int:
     """Run ``medseg predict``; returns 1 when any case failed."""
     from tqdm import tqdm
 
-    from medseg.inference import Predictor
+    from medseg.deploy.onnx_runtime import load_predictor
     from medseg.inference.batch import discover_cases, parse_shard, predict_cases, shard_cases, write_report
 
     t0 = time.perf_counter()
     shard = parse_shard(args.shard)
-    predictor = Predictor.from_run(args.model, folds=args.folds, device=args.device, tta=not args.no_tta,
-                                   overlap=args.overlap, batch_size=args.batch_size, amp=args.amp,
-                                   postprocess=not args.no_postprocessing, compile=args.compile)
+    predictor = load_predictor(args.model, runtime=args.runtime, precision=args.precision or args.amp,
+                               folds=args.folds, device=args.device, tta=not args.no_tta, overlap=args.overlap,
+                               batch_size=args.batch_size, postprocess=not args.no_postprocessing,
+                               compile=args.compile)
     cases = shard_cases(discover_cases(args.input, int(predictor.plan["in_channels"])), shard)
     bar = tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr, disable=None)
 
@@ -73,6 +79,7 @@ def run(args) -> int:
         bar.close()
     info = {"model_dir": str(args.model), "folds": getattr(predictor, "folds", None),
             "configuration": predictor.config_name, "input": str(args.input), "device": str(predictor.device),
+            "runtime": getattr(predictor, "runtime", "torch"),
             "tta": not args.no_tta, "overlap": args.overlap, "compile": args.compile, "output_format": args.output_format,
             "shard": args.shard, "seconds": round(time.perf_counter() - t0, 2)}
     report = write_report(args.output, results, info, shard)

@@ -118,6 +118,7 @@ class PipelineConfig:
     splits: Path | None = None  # an existing splits.json to use; default OUTPUT/splits.json (made if absent)
     plan: Path | None = None  # an existing plan.json; default: planned from the data
     train: TrainConfig = field(default_factory=TrainConfig)
+    card: dict[str, Any] | None = None  # model-card text (intended_use, limitations, ...) for `medseg export-model`
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) for config.yaml in the run folder."""
@@ -181,7 +182,16 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         splits=_path(data.get("splits"), base),
         plan=_path(data.get("plan"), base),
         train=train,
+        card=_card(data.get("card")),
     )
+
+
+def _card(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError("card", value, "a mapping of model-card fields, e.g. {intended_use: ..., limitations: ...}")
+    return dict(value)
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
