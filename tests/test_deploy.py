@@ -422,3 +422,13 @@ def test_every_registered_network_exports_or_says_why(name, tmp_path):
         return
     assert res.max_abs_diff <= 1e-4 and (tmp_path / "net.onnx").is_file()
     assert res.dynamic_spatial or res.note  # fixed spatial axes always come with the reason
+
+
+def test_pipeline_card_block_is_kept_and_checked():
+    from medseg.training.config import pipeline_from_dict
+
+    cfg = pipeline_from_dict({"name": "x", "dataset": "/data", "card": CARD})
+    assert cfg.card == CARD and cfg.to_dict()["card"] == CARD
+    assert pipeline_from_dict({"name": "x", "dataset": "/data"}).card is None
+    with pytest.raises(ConfigError, match="card"):
+        pipeline_from_dict({"name": "x", "dataset": "/data", "card": "for research"})
