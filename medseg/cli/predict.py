@@ -23,14 +23,19 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", required=True, metavar="IN", help="input file or folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("-m", "--model", required=True, metavar="MODEL_DIR", help="run folder (medseg crossval/train)")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL",
+                   help="run folder (medseg crossval/train), model package .zip, or installed model name")
     p.add_argument("--folds", type=int, nargs="+", metavar="K", help="folds to ensemble (default: all of the run)")
     p.add_argument("--no-tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default from the plan)")
     p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="mixed precision (auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)")
+                   help="mixed precision (auto: bf16 on CUDA devices that support it, else fp16; bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="network runtime inside the sliding-window engine")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="overrides --amp; int8 (CPU) needs --runtime onnxruntime")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each fold's network once (faster full window batches on large volumes; "
                         "not for small crops)")
@@ -55,8 +60,8 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
+    from medseg.deploy.onnx_runtime import load_predictor
     from medseg.errors import MedsegError
-    from medseg.inference import Predictor
     from medseg.inference.batch import (
         ReportWriter,
         _report_size,
@@ -74,9 +79,10 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         prepare_output(out)  # refuses an existing file before the model is loaded
-    predictor = Predictor.from_run(args.model, folds=args.folds, device=args.device, tta=not args.no_tta,
-                                   overlap=args.overlap, batch_size=args.batch_size, amp=args.amp,
-                                   postprocess=not args.no_postprocessing, compile=args.compile)
+    predictor = load_predictor(args.model, runtime=args.runtime, precision=args.precision or args.amp,
+                               folds=args.folds, device=args.device, tta=not args.no_tta, overlap=args.overlap,
+                               batch_size=args.batch_size, postprocess=not args.no_postprocessing,
+                               compile=args.compile)
     discovery = discover_inputs(args.input, predictor.record.in_channels, exclude=[out])
     prepare_output(out, args.input)
     for entry in discovery.skipped():
@@ -102,6 +108,7 @@ def run(args) -> int:
     entries = account_inputs(discovery, results, shard)
     info = {"model_dir": str(args.model), "folds": getattr(predictor, "folds", None),
             "configuration": predictor.config_name, "input": str(args.input), "device": str(predictor.device),
+            "runtime": getattr(predictor, "runtime", "torch"),
             "tta": not args.no_tta, "overlap": args.overlap, "compile": args.compile, "output_format": args.output_format,
             "shard": args.shard, "seconds": round(time.perf_counter() - t0, 2)}
     n = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}

@@ -144,6 +144,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # other names of declared labels in DICOM-SEG / RTSTRUCT label files: {liver: [Leber, LIVER_auto]}
     label_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    card: dict[str, Any] | None = None  # model-card text (intended_use, limitations, ...) for `medseg export-model`
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) for config.yaml in the run folder."""
@@ -282,6 +283,7 @@ def pipeline_from_dict(data: dict[str, Any], *, base: Path | None = None, where:
         recipe=data.get("recipe"),
         train=train,
         label_aliases=_label_aliases(data.get("label_aliases")),
+        card=_card(data.get("card")),
     )
 
 
@@ -290,6 +292,14 @@ def _label_aliases(value: Any) -> dict[str, tuple[str, ...]]:
     from medseg.data.dicom_labels import parse_label_aliases
 
     return parse_label_aliases(value, where="label_aliases")
+
+
+def _card(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError("card", value, "a mapping of model-card fields, e.g. {intended_use: ..., limitations: ...}")
+    return dict(value)
 
 
 def load_pipeline(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
