@@ -69,6 +69,7 @@ def test_record_round_trip_and_is_the_only_source(tmp_path):
     write_model_record(run, record)
     again = load_model_record(run)
     assert again == record and again.schema_version == SCHEMA_VERSION
+    assert again.restore == "label"  # the first release's way back onto the input grid travels with the record
     # a v2 record needs neither plan.json nor postprocessing.json; an edited plan.json changes nothing
     plan = json.loads((run / "plan.json").read_text())
     plan["configurations"]["3d_fullres"]["patch_size"] = [8, 8, 8]
@@ -78,8 +79,7 @@ def test_record_round_trip_and_is_the_only_source(tmp_path):
     pred = Predictor.from_run(run, device="cpu", amp="fp32")
     assert pred.patch_size == (16, 16, 16) and pred.mirror_axes == (0,)
     (run / "plan.json").unlink()
-    # rewritten as a v2 record it is no longer a first-release folder: the release's restore is then asked for
-    got = Predictor.from_run(run, device="cpu", amp="fp32", restore="label").predict(read_volume(CASE / "image.nii.gz"))
+    got = Predictor.from_run(run, device="cpu", amp="fp32").predict(read_volume(CASE / "image.nii.gz"))
     np.testing.assert_array_equal(np.asarray(got.array),
                                   np.asarray(read_volume(CASE / "mask_tta.nii.gz").array))
 

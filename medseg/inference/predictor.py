@@ -147,7 +147,7 @@ class Predictor:
         self.labels = dict(record.labels)
         self.label_values = list(record.label_values)
         self.output_labels = value_names(self.labels, self.label_values)
-        self.restore = self.options.restore or ("label" if record.first_release else "probabilities")
+        self.restore = self.options.restore or record.restore
         if self.restore not in ("probabilities", "label"):
             raise ConfigError("restore", self.restore, "'probabilities' or 'label'")
         self.networks = [n.to(self.device).eval() for n in networks]

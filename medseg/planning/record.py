@@ -63,8 +63,9 @@ class ModelRecord:
     pipeline: str | None = None
     plan_hash: str | None = None
     schema_version: int = SCHEMA_VERSION
-    #: read from a first-release run folder (in memory only, never written): it predicts as that release did
-    first_release: bool = field(default=False, compare=False, repr=False)
+    #: how a prediction goes back onto the input grid: "probabilities" (resampled, then the argmax there) or
+    #: "label" (argmax in plan space, then nearest), the first release's way, kept for its run folders and packages
+    restore: str = "probabilities"
 
     def __post_init__(self) -> None:
         if not self.label_values:
@@ -109,6 +110,7 @@ class ModelRecord:
             "folds": list(self.folds),
             "postprocessing": dict(self.postprocessing),
             "plan_hash": self.plan_hash,
+            "restore": self.restore,
         }
 
     @classmethod
@@ -133,13 +135,16 @@ class ModelRecord:
         if not isinstance(post, dict):
             raise r._bad("postprocessing", "a post-processing setting (a mapping)")
         names = r.raw("channel_names", [])
+        restore = r.str("restore", "probabilities")
+        if restore not in ("probabilities", "label"):
+            raise r._bad("restore", "'probabilities' or 'label'")
         return cls(dataset=plan.dataset, configuration=r.str("configuration"),
                    config=config, spatial_dims=plan.spatial_dims,
                    in_channels=plan.in_channels, num_classes=plan.num_classes, labels=plan.labels,
                    normalization=plan.normalization, folds=sorted(folds), postprocessing=post,
                    channel_names=[str(n) for n in names], label_values=plan.label_values,
                    pipeline=r.raw("pipeline", None),
-                   plan_hash=r.raw("plan_hash", None), schema_version=version)
+                   plan_hash=r.raw("plan_hash", None), schema_version=version, restore=restore)
 
 
 def fold_dirs(run_dir: Path) -> dict[int, Path]:
@@ -233,5 +238,5 @@ def _migrate_v1(root: Path, model: dict[str, Any] | None) -> ModelRecord:
              root)
     record = ModelRecord.from_plan(plan, config_name, conf, folds=folds, postprocessing=setting.to_dict(),
                                    pipeline=model.get("pipeline"), plan_hash=plan_hash(plan))
-    record.first_release = True
+    record.restore = "label"  # as the first release predicted
     return record
