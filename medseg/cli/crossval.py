@@ -50,12 +50,16 @@ def run(args) -> int:
     finally:
         for b in bars.values():
             b.close()
-    print(f"{pipeline.name}: out-of-fold mean foreground Dice {summary['mean_foreground_dice']:.4f} over "
-          f"{summary['n_cases']} cases (post-processed {summary['mean_foreground_dice_postprocessed']:.4f}, "
+    mean, post = summary["mean_foreground_dice"], summary["mean_foreground_dice_postprocessed"]
+    print(f"{pipeline.name}: out-of-fold mean foreground Dice {'n/a' if mean is None else f'{mean:.4f}'} over "
+          f"{summary['n_cases']} cases (post-processed {'n/a' if post is None else f'{post:.4f}'}, "
           f"{summary['postprocessing']})")
+    def num(v: object) -> str:  # a statistic is None where it cannot be computed (e.g. the sd of one case)
+        return "n/a" if v is None else f"{v:.4f}"
+
     for lab, entry in summary["classes"].items():
         d = entry["metrics"]["dice"]
-        print(f"  {lab} {entry.get('name', '')}: Dice {d['mean']:.4f} +- {d['sd']:.4f} "
-              f"(95% CI {d['ci_low']:.4f}-{d['ci_high']:.4f})")
+        print(f"  {lab} {entry.get('name', '')}: Dice {num(d['mean'])} +- {num(d['sd'])} "
+              f"(95% CI {num(d['ci_low'])}-{num(d['ci_high'])})")
     print(f"run folder: {pipeline.output}")
     return 0
