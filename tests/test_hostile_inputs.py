@@ -839,11 +839,7 @@ def _pickle_payload_checkpoint(path: Path) -> None:
     torch.save({"state_dict": {}, "network": {"name": "unet"}, "payload": Payload()}, path)
 
 
-_LEAD = pytest.mark.xfail(strict=False, reason="lead's runtime module")
-
-
-@pytest.mark.parametrize("fault", [pytest.param("empty_checkpoint", marks=_LEAD),
-                                   pytest.param("pickle_payload", marks=_LEAD), "missing_fold_checkpoint"])
+@pytest.mark.parametrize("fault", ["empty_checkpoint", "pickle_payload", "missing_fold_checkpoint"])
 def test_model_folder_faults(tmp_path, capsys, fault):
     model = make_model(tmp_path / "run", folds=(0, 1))
     ckpt = model / "fold_1" / "checkpoint_best.pt"

@@ -95,9 +95,12 @@ def _candidate_files(folder: Path) -> list[Path]:
 
 
 def _read_header(path: Path):
-    """pydicom dataset without pixel data, or None when ``path`` is not a DICOM file."""
+    """pydicom dataset without pixel data, or None when ``path`` is not a DICOM file (or not a regular file: a
+    named pipe or device would block the read)."""
     import pydicom
 
+    if not Path(path).is_file():
+        return None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         for _ in ds.iterall():  # convert every value now: a damaged one fails here, not deep in the geometry code
