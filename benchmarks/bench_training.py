@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import sync
+from bench_helpers import sync
 
 
 def _batches(n, batch, patch, k, seed=0, device="cpu"):

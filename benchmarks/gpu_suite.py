@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import ROOT, SHARED_DATA, mask_dice, medseg_cmd, medseg_env, sync  # noqa: E402
+import bench_helpers as _common  # noqa: E402
+from bench_helpers import ROOT, SHARED_DATA, mask_dice, medseg_cmd, medseg_env, sync  # noqa: E402
 
 SECTIONS = ("environment", "accuracy", "correctness", "training", "inference", "end_to_end")
 DICE_PRECISION = 0.998  # fp16 / bf16 masks against fp32 (the bar)

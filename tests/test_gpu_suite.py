@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_mask_dice_counts_every_foreground_label():
-    from _common import mask_dice
+    from bench_helpers import mask_dice
 
     a = np.array([0, 1, 1, 2, 2, 0])
     assert mask_dice(a, a) == 1.0
