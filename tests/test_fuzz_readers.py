@@ -7,7 +7,9 @@ the read either returns a Volume within the limit with a finite, invertible affi
 :class:`~medseg.errors.MedsegError` naming the file; any other exception, a multi-line message or an allocation past
 the limit is a finding. docs/fuzzing.md records what the pass found.
 
-Bounded: ``MEDSEG_FUZZ_EXAMPLES`` examples per seed (default 300), each with a 10 s deadline.
+Bounded: ``MEDSEG_FUZZ_EXAMPLES`` examples per seed (default 300), each with a 10 s deadline. To find a mutant that
+hangs a reader (the deadline cannot interrupt C code), set ``MEDSEG_FUZZ_LAST=/tmp/last``: each text-header mutant
+is copied there before it is read.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def small_limit(monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(LIMIT))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def address_space_limit():
+    """2 GiB of address space beyond what the process has: an allocation the guard should have refused fails."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as fh:
+        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    limit = vm + (2 << 30)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @st.composite
 def mutations(draw, size: int, header: int):
     """A list of edits of a ``size``-byte file whose first ``header`` bytes are the header."""
@@ -112,6 +132,7 @@ def _check(path: Path) -> None:
     except MedsegError as exc:
         msg = str(exc)
         assert "\n" not in msg and msg.startswith(str(path)), msg
+        assert "needs more memory" not in msg, f"an allocation the size guard should have refused: {msg}"
         return
     assert vol.array.size <= LIMIT, f"{vol.array.shape} read past the limit of {LIMIT}"
     assert vol.array.dtype.kind in "biuf"
@@ -201,6 +222,8 @@ def _fuzz_text_header(seed: Path, data: st.DataObject) -> None:
     try:
         target = work / seed.name
         target.write_bytes(head + body)
+        if os.environ.get("MEDSEG_FUZZ_LAST"):  # keep the mutant being read (to find one that hangs a reader)
+            Path(os.environ["MEDSEG_FUZZ_LAST"] + seed.suffix).write_bytes(head + body)
         _check(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

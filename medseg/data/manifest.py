@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
-from medseg.io.registry import IMAGE_SUFFIXES, split_suffix
+from medseg.io.registry import IMAGE_SUFFIXES, PLANAR_SUFFIXES, split_suffix
 
 __all__ = ["Case", "Manifest", "load_manifest", "write_manifest_csv", "IMAGE_ENDINGS", "split_ending"]
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: File endings medseg reads as images: the format table's (:data:`medseg.io.IMAGE_SUFFIXES`), longest first.
 IMAGE_ENDINGS = IMAGE_SUFFIXES
-_ENDINGS_2D = (".png", ".tif", ".tiff")
+_ENDINGS_2D = PLANAR_SUFFIXES
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 

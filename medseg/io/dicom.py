@@ -102,7 +102,15 @@ def _read_header(path: Path):
     if not Path(path).is_file():
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        from medseg.io.guard import raw_dicom_element
+
+        size = Path(path).stat().st_size
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1 << 20)  # large values: not read yet
+        for tag in list(ds.keys()):  # a damaged length field claims more bytes than the file has (found by fuzzing)
+            elem = raw_dicom_element(ds, tag)
+            length = getattr(elem, "length", 0)
+            if getattr(elem, "value", b"") is None and length != 0xFFFFFFFF and length > size:
+                raise ValueError(f"element {tag} claims {length} bytes in a file of {size}")
         for _ in ds.iterall():  # convert every value now: a damaged one fails here, not deep in the geometry code
             pass
         return ds

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from medseg.errors import ConfigError, InputError
 
 __all__ = ["ENV_VAR", "BYTES_PER_VOXEL", "MEMORY_FRACTION", "SizeLimitError", "available_memory", "max_voxels",
            "set_max_voxels", "parse_max_voxels", "check_voxels", "check_resampled", "check_dicom_pixel_data",
-           "limit_text"]
+           "raw_dicom_element", "limit_text"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,10 @@ def _cgroup_available() -> int | None:
 
 
 def _address_space_available() -> int | None:
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     try:
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     except (ValueError, OSError):
@@ -273,6 +276,16 @@ def _native_pixel_bytes(ds) -> int | None:
     return rows * cols * spp * frames * ((bits + 7) // 8)
 
 
+def raw_dicom_element(ds, tag):
+    """The element ``tag`` of ``ds`` as stored, without reading a deferred value (None when absent)."""
+    from pydicom.tag import Tag
+
+    try:
+        return ds.get_item(Tag(tag), keep_deferred=True)
+    except TypeError:  # pydicom < 3 has no keep_deferred
+        return ds._dict.get(Tag(tag))
+
+
 def check_dicom_pixel_data(files: Sequence[str | Path], where: str | Path) -> None:
     """Check a DICOM series before decoding: its size against the limit, and every file's pixel data length.
 
@@ -302,22 +315,25 @@ def check_dicom_pixel_data(files: Sequence[str | Path], where: str | Path) -> No
             ds = pydicom.dcmread(f, defer_size=1024)
         except Exception as exc:  # pydicom raises many types for a damaged file
             raise InputError(f, f"cannot be read as DICOM ({type(exc).__name__})", "a readable DICOM image") from None
-        elem = ds.get_item("PixelData") if "PixelData" in ds else None
+        elem = None
+        for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):  # PixelData, FloatPixelData, DoubleFloatPixelData
+            elem = elem or raw_dicom_element(ds, tag)
         if elem is None:
-            for key in ("FloatPixelData", "DoubleFloatPixelData"):
-                if key in ds:
-                    elem = ds.get_item(key)
-            if elem is None:
-                raise InputError(f, "has no pixel data", "a DICOM image with PixelData")
+            raise InputError(f, "has no pixel data", "a DICOM image with PixelData")
         file_meta = getattr(ds, "file_meta", None)
         syntax = str((file_meta.get("TransferSyntaxUID") if file_meta is not None else None) or "")
         length = getattr(elem, "length", None)
+        tell = getattr(elem, "value_tell", None)
+        if length is not None and length != 0xFFFFFFFF and tell is not None:
+            held = max(0, os.path.getsize(f) - int(tell))
+            if held < length:  # the decoder would allocate what the length field claims (found by fuzzing)
+                raise InputError(f, f"pixel data is truncated: its length field declares {length} bytes, the file "
+                                 f"holds {held}", "complete DICOM files (copy the series again)")
         if syntax and syntax not in _NATIVE_SYNTAXES:
             continue  # encapsulated (compressed) data: the decoder reports damage
         expected = _native_pixel_bytes(ds)
         if expected is None or length is None or length == 0xFFFFFFFF:
             continue
-        tell = getattr(elem, "value_tell", None)
         held = length if tell is None else max(0, min(length, os.path.getsize(f) - int(tell)))
         if held < expected:
             raise InputError(f, f"pixel data is truncated: {held} bytes where Rows x Columns x SamplesPerPixel x "

@@ -61,7 +61,7 @@ def read_image2d(path: str | Path, spacing: float | Sequence[float] | None = Non
     from medseg.io.itk import read_sitk_image
 
     path = Path(path)
-    img = read_sitk_image(path)
+    img = read_sitk_image(path, geometry=False)  # PNG/TIFF geometry is not read
     dim = img.GetDimension()
     if dim == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]

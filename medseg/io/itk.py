@@ -149,6 +149,30 @@ def _itk_reason(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
+def _check_header_geometry(path: Path, reader, dim: int) -> None:
+    """Refuse a direction that is not a matrix of direction cosines (unit columns), or a non-finite or singular
+    direction x spacing, before the pixels are read: ITK's reader hangs in an SVD of a direction matrix holding
+    huge or non-finite values (a MetaImage TransformMatrix entry of 1e308; found by fuzzing)."""
+    direction = np.array(reader.GetDirection(), dtype=np.float64)
+    spacing = np.array(reader.GetSpacing(), dtype=np.float64)
+    origin = np.array(reader.GetOrigin(), dtype=np.float64)
+    with np.errstate(all="ignore"):
+        ok = direction.size == dim * dim and np.all(np.isfinite(direction)) and np.all(np.isfinite(origin))
+        if ok:
+            d = direction.reshape(dim, dim)
+            m = d * spacing
+            # direction cosines: unit columns (a TransformMatrix entry of -1e308 hangs ITK too)
+            ok = (np.all(np.isfinite(m)) and np.allclose(np.linalg.norm(d, axis=0), 1.0, atol=1e-2)
+                  and abs(np.linalg.det(m)) > 1e-12)
+    if not ok:
+        def fmt(values) -> str:
+            return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+        raise InputError(path, "has a non-invertible or non-finite voxel-to-world geometry (spacing "
+                         f"{fmt(spacing)}, direction {fmt(direction)})",
+                         "an image with positive spacing and an invertible direction matrix")
+
+
 def _check_metaimage_header(path: Path) -> None:
     """Refuse a MetaImage ``NDims`` that ITK's MetaIO cannot take: an out-of-range value crashes it with a
     segmentation fault in ``ReadImageInformation`` (found by fuzzing), so it is checked here first."""
@@ -168,7 +192,7 @@ def _check_metaimage_header(path: Path) -> None:
                 raise InputError(path, f"declares NDims = {text[:20]!r}", "a MetaImage header with NDims 2 or 3")
 
 
-def read_sitk_image(path: Path):
+def read_sitk_image(path: Path, *, geometry: bool = True):
     """``SimpleITK.ReadImage`` with medseg's one-line errors (shared by the NRRD/MHA and PNG/TIFF readers).
 
     The header is read first (``ReadImageInformation``) and its declared size checked against the voxel limit
@@ -200,6 +224,8 @@ def read_sitk_image(path: Path):
         raise InputError(path, f"holds complex voxel values ({pixel_type})",
                          "a real-valued image (save the magnitude first)")
     check_voxels(path, size, components)
+    if geometry:
+        _check_header_geometry(path, reader, len(size))
     try:
         return reader.Execute()
     except RuntimeError as exc:

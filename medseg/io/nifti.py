@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import InputError
+from medseg.errors import InputError, MedsegError
 from medseg.io.volume import Volume
 
 __all__ = ["read_nifti", "write_nifti"]
@@ -48,16 +48,15 @@ def read_nifti(path: str | Path) -> Volume:
 
     path = Path(path)
     warnings_: list[str] = []
-    raw = _raw_header(path)
-    if raw is not None:
-        _check_header(path, raw, warnings_)
     try:
         with _nibabel_quiet():
-            img = nib.load(str(path))
+            img = nib.load(str(path))  # the header only: voxels are read below, once the header has been checked
+            # the size nibabel will allocate comes from its (repaired) header, pixdim from the header as stored
+            _check_header(path, img.header, _raw_header(path), warnings_)
             data = np.asanyarray(img.dataobj)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
-    except MemoryError:
+    except (MemoryError, MedsegError):
         raise
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputError(path, f"cannot be read as NIfTI ({type(exc).__name__}: {_first_line(exc)})",
@@ -135,16 +134,31 @@ def _raw_header(path: Path):
                 return klass.from_fileobj(io.BytesIO(head[:size]), check=False)
             except Exception:
                 return None
+    # a damaged sizeof_hdr (nibabel repairs it): NIfTI-1, in the byte order whose dim[0] is plausible
+    for order in ("<", ">"):
+        if 1 <= struct.unpack(order + "h", head[40:42])[0] <= 7:
+            fixed = struct.pack(order + "i", 348) + head[4:348]
+            try:
+                return nib.Nifti1Header.from_fileobj(io.BytesIO(fixed), check=False)
+            except Exception:
+                return None
     return None
 
 
-def _check_header(path: Path, hdr, warnings_: list[str]) -> None:
+def _check_header(path: Path, hdr, raw, warnings_: list[str]) -> None:
+    """Refuse before reading: a grid over the voxel limit, complex voxels, a file shorter than declared, a zero
+    voxel size where the geometry comes from pixdim.
+
+    Args:
+        hdr: the header nibabel loaded (and repaired: its shape and dtype are what nibabel will allocate).
+        raw: the header as stored (:func:`_raw_header`), or None; its pixdim is checked (nibabel sets 0 to 1).
+    """
     from medseg.io.guard import check_voxels
 
     try:
         shape = tuple(int(v) for v in hdr.get_data_shape())
         dtype = hdr.get_data_dtype()
-    except Exception:  # a malformed dim or datatype field: nib.load gives the one-line reason
+    except Exception:  # a malformed dim or datatype field: reading the data gives the one-line reason
         return
     if dtype.kind == "c":
         raise InputError(path, f"holds complex voxel values ({dtype})",
@@ -160,8 +174,9 @@ def _check_header(path: Path, hdr, warnings_: list[str]) -> None:
         if have < need:
             raise InputError(path, f"is truncated: its header declares {need - offset} bytes of voxel data from "
                              f"byte {offset}, the file holds {max(0, have - offset)}", "a complete .nii file")
-    if int(hdr["sform_code"]) == 0:  # the affine then comes from pixdim (qform or the fallback)
-        pixdim = np.asarray(hdr["pixdim"], dtype=np.float64)
+    stored = raw if raw is not None else hdr
+    if int(stored["sform_code"]) == 0:  # the affine then comes from pixdim (qform or the fallback)
+        pixdim = np.asarray(stored["pixdim"], dtype=np.float64)
         k = min(len(shape), 3)
         bad = [i for i in range(1, k + 1) if not np.isfinite(pixdim[i]) or pixdim[i] == 0]
         if bad:

@@ -24,7 +24,7 @@ from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageFormat", "FORMATS", "IMAGE_SUFFIXES", "split_suffix", "format_of", "read_volume", "write_volume"]
+__all__ = ["ImageFormat", "FORMATS", "IMAGE_SUFFIXES", "PLANAR_SUFFIXES", "split_suffix", "format_of", "read_volume", "write_volume"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ImageFormat:
         writer: ``"module:function"`` taking ``(volume, path, **kwargs)``, or None when medseg does not write it.
         listed: whether files with these suffixes are image files when a folder is listed (DICOM files are
             recognised by content and grouped into series instead).
+        planar: a 2D picture format without patient geometry (PNG, TIFF): a data set of them is 2D.
     """
 
     name: str
@@ -45,6 +46,7 @@ class ImageFormat:
     reader: str
     writer: str | None
     listed: bool = True
+    planar: bool = False
 
     def load(self, which: str) -> Callable:
         """The reader (``which="reader"``) or writer function."""
@@ -58,8 +60,9 @@ FORMATS: tuple[ImageFormat, ...] = (
     ImageFormat("nifti", (".nii.gz", ".nii"), "medseg.io.nifti:read_nifti", "medseg.io.nifti:write_nifti"),
     ImageFormat("nrrd", (".nrrd", ".nhdr"), "medseg.io.itk:read_itk", "medseg.io.itk:write_itk"),
     ImageFormat("mha", (".mha", ".mhd"), "medseg.io.itk:read_itk", "medseg.io.itk:write_itk"),
-    ImageFormat("png", (".png",), "medseg.io.image2d:read_image2d", "medseg.io.image2d:write_image2d"),
-    ImageFormat("tiff", (".tiff", ".tif"), "medseg.io.image2d:read_image2d", "medseg.io.image2d:write_image2d"),
+    ImageFormat("png", (".png",), "medseg.io.image2d:read_image2d", "medseg.io.image2d:write_image2d", planar=True),
+    ImageFormat("tiff", (".tiff", ".tif"), "medseg.io.image2d:read_image2d", "medseg.io.image2d:write_image2d",
+                planar=True),
     ImageFormat("dicom", (".dcm",), "medseg.io.registry:_read_dicom", None, listed=False),
 )
 _BY_NAME = {f.name: f for f in FORMATS}
@@ -67,6 +70,8 @@ _BY_NAME = {f.name: f for f in FORMATS}
 #: Endings of image files (every listed format), longest first so that ``.nii.gz`` wins over ``.gz``.
 IMAGE_SUFFIXES: tuple[str, ...] = tuple(sorted((s for f in FORMATS if f.listed for s in f.suffixes),
                                                key=len, reverse=True))
+#: Endings of the planar (2D picture) formats.
+PLANAR_SUFFIXES: tuple[str, ...] = tuple(s for f in FORMATS if f.planar for s in f.suffixes)
 _ALL_SUFFIXES = tuple(sorted((s for f in FORMATS for s in f.suffixes), key=len, reverse=True))
 #: What readers raise on header values they did not anticipate (pydicom converts values lazily, on access).
 _DAMAGED = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, OverflowError,
