@@ -249,3 +249,14 @@ def test_acquisition_frame_puts_each_cases_coarse_axis_last_and_restores_exactly
         back = restore_original(s, props, is_label=True)
         np.testing.assert_array_equal(back[0], seg)
     assert len(set(shapes)) == 1
+
+
+def test_absurd_spacing_is_refused_before_resampling():
+    """A case whose grid at the plan spacing would need terabytes (an absurd voxel size in its header) is refused in
+    one line naming the file, at training time too, before the resampler allocates."""
+    from medseg.io.guard import SizeLimitError
+
+    aff = np.diag([5e4, 5e4, 5e4, 1.0])  # 50 m voxels: at 1 mm that is 5e13 voxels per axis cubed
+    img = Volume(np.ones((1, 8, 8, 8), np.float32), aff, meta={"source": "huge.nii.gz"})
+    with pytest.raises(SizeLimitError, match="huge.nii.gz"):
+        preprocess_volume(img, _plan((1.0, 1.0, 1.0)), "cfg")

@@ -258,6 +258,11 @@ def preprocess_volume(
     target = cfg.spacing
     if len(target) != len(crop_shape):
         raise ConfigError(f"{config_name}.spacing", cfg.spacing, f"{len(crop_shape)} values")
+    from medseg.io.guard import check_resampled
+
+    # an absurd spacing would make the resampler allocate terabytes: refused in one line before it does
+    check_resampled(src, crop_shape, spacing.tolist(), target, image.channels + (0 if label is None else 1),
+                    purpose=f"for configuration {config_name}")
     new_shape = _target_shape(crop_shape, spacing, target)
     sep = separate_axis(spacing.tolist(), target) if image.spatial_dims == 3 else None
     arr = resample_array(arr, new_shape, is_label=False, separate=sep)
