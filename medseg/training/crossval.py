@@ -194,10 +194,10 @@ def run_crossval(
     if coord is None:
         return _crossval(pipeline, folds, _OneProcess(), resume=resume, retrain=retrain, progress=progress,
                          device=device, ddp=False)
-    from medseg.training.distributed import CrossvalRanks
+    from medseg.training.distributed import RunRanks
 
     with coord.guard():
-        return _crossval(pipeline, folds, CrossvalRanks(coord), resume=resume, retrain=retrain, progress=progress,
+        return _crossval(pipeline, folds, RunRanks(coord), resume=resume, retrain=retrain, progress=progress,
                          device=device, ddp=ddp)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 from medseg.errors import MedsegError
 
 __all__ = ["PeerFailure", "BarrierTimeout", "Coordinator", "coordinator", "env_world", "init_process_group",
-           "barrier_timeout_s", "data_bytes", "folds_of_rank", "CrossvalRanks"]
+           "barrier_timeout_s", "data_bytes", "folds_of_rank", "RunRanks"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Coordinator:
         self.where = where
         self._watch_store = watch_store
         self._failure: str | None = None  # a peer's failure noticed by the watchdog
+        self._failed = False  # this rank published its failure
         self._guarding = 0
         self._stop = threading.Event()
         self._beats: dict[int, tuple[int, float]] = {}  # rank -> (last counter seen, when it last moved)
@@ -239,6 +240,9 @@ class Coordinator:
 
     def fail(self, exc: BaseException) -> None:
         """Publish this rank's failure (first failure wins) and give the others ``ack_s`` to take note of it."""
+        if self._failed:
+            return  # an inner guard published it already
+        self._failed = True
         text = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, MedsegError):
             text = f"{type(exc).__name__}: {text}"
@@ -385,8 +389,9 @@ def coordinator() -> Coordinator | None:
     return _CURRENT[0]
 
 
-class CrossvalRanks:
-    """What :func:`medseg.training.crossval.run_crossval` does differently on the ranks of a torchrun job.
+class RunRanks:
+    """What :func:`medseg.training.crossval.run_crossval` (and ``medseg train``'s data preparation,
+    :meth:`prepare`) does differently on the ranks of a torchrun job.
 
     Rank 0 plans and writes the run record while the others wait; every rank preprocesses its share of the cases;
     folds go one per rank (``folds[rank::world]``), or to all ranks together with ``ddp``; each rank predicts its

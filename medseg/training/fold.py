@@ -4,7 +4,8 @@ network -> :class:`~medseg.training.trainer.Trainer`, recording everything in th
 Each fold can run as its own process (folds spread over GPUs or nodes); the shared files of the run folder
 (plan.json, splits.json) are written atomically and are identical whichever process writes them first. Under
 ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, gloo on CPU); rank 0
-prepares the data and the others wait for it.
+plans while the others wait, then every rank preprocesses its share of the cases
+(:class:`medseg.training.distributed.RunRanks`; store barriers with data-scaled timeouts, not NCCL's).
 """
 
 from __future__ import annotations
@@ -349,29 +350,38 @@ def train_fold(
     Raises:
         InputError: a fold the split file lacks, unusable data.
         ConfigError: invalid options.
+        PeerFailure: under torchrun, another rank failed.
     """
+    from medseg.training.distributed import coordinator
+
+    if not ddp and run is None:
+        raise ValueError("train_fold(ddp=False) needs the prepared run")
+    coord = coordinator() if ddp else None
+    if coord is None:
+        return _train_fold(pipeline, fold, resume, progress, run, ddp, None)
+    with coord.guard():  # a rank's failure stops the others with its message
+        return _train_fold(pipeline, fold, resume, progress, run, ddp, coord)
+
+
+def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Callable[[dict[str, Any]], None] | None,
+                run: RunData | None, ddp: bool, coord: Any) -> Any:
     import numpy as np
     import torch
 
     from medseg.data.splits import get_fold
     from medseg.losses import build_loss
     from medseg.runtime import resolve_device
-    from medseg.training.distributed import init_process_group
+    from medseg.training.distributed import RunRanks, init_process_group
     from medseg.training.trainer import Trainer, ValCase
 
-    if not ddp and run is None:
-        raise ValueError("train_fold(ddp=False) needs the prepared run")
-    rank, world = init_process_group() if ddp else (0, 1)
+    rank, world = init_process_group(store=None if coord is None else coord.new_client()) if ddp else (0, 1)
     cfg = pipeline.train
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    if run is None:
-        if rank == 0:
-            run = prepare_run(pipeline, device=device.type, write=True)
-        _barrier()
-        if rank != 0:
-            run = prepare_run(pipeline, device=device.type, write=False)
+    if run is None:  # under torchrun: rank 0 plans, each rank preprocesses its share, store barriers between
+        run = prepare_run(pipeline, device=device.type) if coord is None else RunRanks(coord).prepare(
+            pipeline, device.type)
     entry = get_fold(run.splits, fold, run.run_dir / "splits.json")
     labelled = {c.case_id for c in run.manifest.cases if c.label is not None}
     train_ids = [c for c in entry["train"] if c in labelled]
