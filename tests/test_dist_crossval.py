@@ -202,3 +202,40 @@ def test_two_node_crossval(single, ddp):
             assert all(_close(v, b[key][m]) for m, v in row.items()), key
     else:
         assert "world 2" in "".join(o for _, o in results)  # the folds were trained data-parallel
+
+
+@pytest.mark.slow
+def test_a_node_stopped_mid_training_stops_the_other_node(single):
+    """SIGTERM to one node's torchrun (scancel, preemption) while both nodes train a fold of a 3-minute budget:
+    the other node stops within seconds with that rank's reason instead of training on (a real-time test of the
+    watchdog, which a single torchrun cannot show: it stops its own processes itself)."""
+    import signal
+
+    root, data = single
+    out = root / "stopped"
+    cfg = _config(out, data)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "medseg-stop"]
+    args = ["-m", "medseg.cli.main", "crossval", "--config", str(cfg), "--no-progress", "--epochs", "1000",
+            "--time-budget", "3"]
+    nodes = []
+    for i in range(2):  # node 0 first: it hosts the rendezvous store
+        nodes.append(subprocess.Popen([*cmd, "--node-rank", str(i), *args], env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+        time.sleep(3)
+    deadline = time.monotonic() + 180
+    while not all((out / "run" / f"fold_{k}").is_dir() for k in (0, 1)):  # both ranks are training
+        assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "training did not start"
+        time.sleep(0.5)
+    time.sleep(2)
+    nodes[1].send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    survivor = nodes[0].communicate(timeout=120)[0]
+    stopped_after = time.monotonic() - t0
+    print(f"survivor stopped {stopped_after:.1f} s after the SIGTERM")
+    stopped = nodes[1].communicate(timeout=60)[0]
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert "failed: terminated (SIGTERM)" in survivor, survivor[-3000:] + stopped[-2000:]
+    assert "medseg crossval: error: rank " in survivor
+    assert stopped_after < 60  # not the rest of a 3-minute budget

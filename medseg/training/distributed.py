@@ -53,6 +53,17 @@ class BarrierTimeout(MedsegError):
     """Ranks did not reach a barrier within its timeout; the message names them and the timeout."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a :meth:`Coordinator.guard` ran (the CLI reports it as interrupted)."""
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM)"
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def env_world() -> tuple[int, int]:
     """``(RANK, WORLD_SIZE)`` from the environment torchrun sets (``(0, 1)`` outside it)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,6 +149,7 @@ class Coordinator:
         self._watch_store = watch_store
         self._failure: str | None = None  # a peer's failure noticed by the watchdog
         self._failed = False  # this rank published its failure
+        self._interrupt_handled = threading.Event()  # guard turned the watchdog's interruption into PeerFailure
         self._guarding = 0
         self._stop = threading.Event()
         self._beats: dict[int, tuple[int, float]] = {}  # rank -> (last counter seen, when it last moved)
@@ -244,7 +256,7 @@ class Coordinator:
             return  # an inner guard published it already
         self._failed = True
         text = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, MedsegError):
+        if not isinstance(exc, (MedsegError, KeyboardInterrupt)):
             text = f"{type(exc).__name__}: {text}"
         message = f"rank {self.rank} ({socket.gethostname()}) failed: {text}"
         try:
@@ -281,22 +293,41 @@ class Coordinator:
     @contextmanager
     def guard(self) -> Iterator[None]:
         """Run this rank's work: a failure is published to the others (then re-raised); a peer's failure noticed
-        by the watchdog while the work runs interrupts it and surfaces as :class:`PeerFailure`."""
+        by the watchdog while the work runs interrupts it and surfaces as :class:`PeerFailure`.
+
+        In the main thread, SIGTERM (``scancel``, a preemption, torchrun stopping a node's processes) raises
+        :class:`Terminated` while the work runs, so that this rank too publishes why it stopped.
+        """
+        import signal
+
+        outer = self._guarding == 0 and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if outer else None
         self._guarding += 1
         try:
             yield
         except PeerFailure:
             raise
-        except KeyboardInterrupt:
-            if self._failure is None:
-                self.fail(KeyboardInterrupt("interrupted"))
-                raise
-            raise PeerFailure(self._failure) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, or the watchdog's interruption
+            message = self._failure or self._quiet_failure()
+            if message is not None and not message.startswith(f"rank {self.rank} "):
+                self._interrupt_handled.set()
+                self._acknowledge(message)
+                raise PeerFailure(message) from None
+            self.fail(exc if isinstance(exc, Terminated) else KeyboardInterrupt("interrupted (SIGINT)"))
+            raise
         except BaseException as exc:
             self.fail(exc)
             raise
         finally:
             self._guarding -= 1
+            if outer:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _quiet_failure(self) -> str | None:
+        try:
+            return self._published_failure()
+        except PeerFailure:
+            return None
 
     # ----------------------------------------------------------------------------------------------- barriers
     def barrier(self, name: str, timeout_s: float | None) -> None:
@@ -359,18 +390,33 @@ class Coordinator:
             try:
                 store.add(beat, 1)
                 message = self._published_failure(store) if self._failure is None else None
-            except (MedsegError, RuntimeError, OSError):
-                return  # the store is gone: the main thread's next wait reports it
+            except (MedsegError, RuntimeError, OSError) as exc:
+                # the store is gone with the node that hosted it: stop the work rather than train on for hours
+                message = str(exc) if isinstance(exc, PeerFailure) else (
+                    f"rank {self.rank}: lost the run's coordination store {self.where} ({exc}); the node hosting "
+                    "it stopped -- see that node's log")
+                if self._stop.is_set() or not self._guarding:
+                    return
+                self._failure = message
+                self._interrupt(message, None)
+                return
             if message is None or message.startswith(f"rank {self.rank} "):
                 continue
             self._failure = message
             if self._guarding:
-                self._acknowledge(message, store)
-                _thread.interrupt_main()
-                if not self._stop.wait(max(30.0, 10 * self.poll_s)):  # main thread stuck in native code
-                    logger.error("rank %d: the main thread did not stop; exiting", self.rank)
-                    os._exit(1)
+                self._interrupt(message, store)
                 return
+
+    def _interrupt(self, message: str, store: Any) -> None:
+        """Interrupt the main thread's work with ``message``; end the process if it is stuck in native code."""
+        if store is not None:
+            self._acknowledge(message, store)
+        else:
+            logger.error("stopping: %s", message)
+        _thread.interrupt_main()
+        if not self._interrupt_handled.wait(max(30.0, 10 * self.poll_s)) and not self._stop.is_set():
+            logger.error("rank %d: the main thread did not stop; exiting", self.rank)
+            os._exit(1)
 
 
 _CURRENT: list[Coordinator] = []
