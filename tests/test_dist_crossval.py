@@ -239,3 +239,16 @@ def test_a_node_stopped_mid_training_stops_the_other_node(single):
     assert "failed: terminated (SIGTERM)" in survivor, survivor[-3000:] + stopped[-2000:]
     assert "medseg crossval: error: rank " in survivor
     assert stopped_after < 60  # not the rest of a 3-minute budget
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_shares_the_preprocessing(single):
+    """`torchrun medseg train`: rank 0 plans while rank 1 waits at a store barrier (not an NCCL/gloo one), each
+    rank preprocesses half the cases, both train the fold data-parallel, rank 0 writes the record."""
+    root, data = single
+    out = root / "train"
+    res = _torchrun("train", "--config", str(_config(out, data)), "--fold", "0", "--no-progress")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "share 0 of 2" in res.stderr and "share 1 of 2" in res.stderr and "world 2" in res.stderr
+    assert json.loads((out / "run" / "model.json").read_text())["folds"] == [0]
+    assert len(list((out / "cache").glob("*/3d_fullres/*_seg.npy"))) == 4

@@ -120,3 +120,30 @@ def test_timeouts_and_shares_scale_with_the_data(tmp_path):
     assert barrier_timeout_s(2 * 2**20, 2.0) == barrier_timeout_s(0, 2.0) + 4.0
     assert barrier_timeout_s(0, 0, extra_s=60) == barrier_timeout_s(0, 0) + 60
     assert folds_of_rank([0, 1, 2, 3, 4], 1, 2) == [1, 3] and folds_of_rank([0], 1, 2) == []
+
+
+def test_an_error_after_a_peers_failure_is_reported_as_that_failure():
+    """A collective that breaks because a peer left (gloo: connection closed) names the peer's failure, the cause,
+    not its own symptom (in a child process, as above)."""
+    code = textwrap.dedent("""
+        import time
+        from datetime import timedelta
+        import torch.distributed as dist
+        from medseg.errors import InputError
+        from medseg.training.distributed import Coordinator, PeerFailure
+        server = dist.TCPStore("localhost", 0, world_size=None, is_master=True, timeout=timedelta(seconds=10),
+                               wait_for_workers=False)
+        cl = lambda: dist.TCPStore("localhost", server.port, is_master=False, timeout=timedelta(seconds=10))
+        r0, r1 = (Coordinator(cl(), cl(), r, 2, prefix="c", poll_s=0.05, ack_s=0.5) for r in range(2))
+        r1.fail(InputError("case_3.nii.gz", "out of memory while resampling"))
+        try:
+            with r0.guard():
+                raise RuntimeError("[gloo] Connection closed by peer")
+        except PeerFailure as exc:
+            print(f"PEER {exc}")
+        except RuntimeError as exc:
+            print(f"OWN {exc}")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.startswith("PEER rank 1 ("), res.stdout + res.stderr[-2000:]
+    assert "case_3.nii.gz: out of memory while resampling" in res.stdout

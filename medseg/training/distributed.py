@@ -277,7 +277,7 @@ class Coordinator:
             time.sleep(self.poll_s / 2)
 
     def _acknowledge(self, message: str, store: Any = None) -> None:
-        logger.error("stopping: %s", message)
+        logger.info("rank %d stopping: %s", self.rank, message)
         try:
             (store or self.store).set(self._key("ack", self.rank), "1")
         except (RuntimeError, OSError):
@@ -307,15 +307,19 @@ class Coordinator:
             yield
         except PeerFailure:
             raise
-        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, or the watchdog's interruption
+        except BaseException as exc:
+            # a peer that failed first is the cause: the watchdog's interruption, or a collective that broke
+            # because that peer left (gloo: "connection closed by peer"), is reported as that peer's failure
             message = self._failure or self._quiet_failure()
             if message is not None and not message.startswith(f"rank {self.rank} "):
                 self._interrupt_handled.set()
+                if not isinstance(exc, KeyboardInterrupt):
+                    logger.info("rank %d: %s: %s (after the failure of another rank)", self.rank,
+                                type(exc).__name__, exc)
                 self._acknowledge(message)
                 raise PeerFailure(message) from None
-            self.fail(exc if isinstance(exc, Terminated) else KeyboardInterrupt("interrupted (SIGINT)"))
-            raise
-        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Terminated):
+                exc = KeyboardInterrupt("interrupted (SIGINT)")
             self.fail(exc)
             raise
         finally:
@@ -411,11 +415,9 @@ class Coordinator:
         """Interrupt the main thread's work with ``message``; end the process if it is stuck in native code."""
         if store is not None:
             self._acknowledge(message, store)
-        else:
-            logger.error("stopping: %s", message)
         _thread.interrupt_main()
         if not self._interrupt_handled.wait(max(30.0, 10 * self.poll_s)) and not self._stop.is_set():
-            logger.error("rank %d: the main thread did not stop; exiting", self.rank)
+            logger.error("rank %d: %s; the main thread (in native code) did not stop: exiting", self.rank, message)
             os._exit(1)
 
 
