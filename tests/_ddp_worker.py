@@ -10,12 +10,12 @@ from _train_helpers import batches_fn, tiny_net, val_cases  # noqa: E402
 
 from medseg.losses import build_loss  # noqa: E402
 from medseg.training.config import TrainConfig  # noqa: E402
-from medseg.training.fold import _dist_setup  # noqa: E402
+from medseg.training.distributed import init_process_group  # noqa: E402
 from medseg.training.trainer import Trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)
-rank, world = _dist_setup()
+rank, world = init_process_group()
 cfg = TrainConfig(epochs=2, batches_per_epoch=2, optimizer="adamw", lr=0.01, val_every=1, amp="fp32",
                   checkpoint_every=1).validate()
 net, spec = tiny_net(seed=0)

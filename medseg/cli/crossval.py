@@ -24,10 +24,14 @@ def register(subparsers) -> None:
     add_common(p)
     p.add_argument("--folds", type=_folds, help="folds to run, e.g. '0 1' or '0,1' (default: all)")
     p.add_argument("--retrain", action="store_true", help="train again folds that already finished")
+    p.add_argument("--ddp", action="store_true",
+                   help="under torchrun: train each fold with all ranks together (data-parallel) instead of one "
+                        "fold per rank (the default there: folds[rank::world])")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
     import sys
 
     from medseg.cli.train import ProgressBar, overrides, prepare_run
@@ -36,20 +40,24 @@ def run(args) -> int:
 
     pipeline = load_pipeline(args.config, overrides(args))
     prepare_run(pipeline, args, args.folds if args.folds is not None else range(pipeline.folds))
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank trains; rank 0 alone shows and prints
     bars: dict[int, ProgressBar] = {}
 
     def progress(fold: int, info: dict) -> None:
         if fold not in bars:
             for b in bars.values():
                 b.close()
-            bars[fold] = ProgressBar(not args.no_progress and sys.stderr.isatty(), f"fold {fold}")
+            bars[fold] = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {fold}")
         bars[fold](info)
 
     try:
-        summary = run_crossval(pipeline, args.folds, resume=args.resume, retrain=args.retrain, progress=progress)
+        summary = run_crossval(pipeline, args.folds, resume=args.resume, retrain=args.retrain, progress=progress,
+                               ddp=args.ddp)
     finally:
         for b in bars.values():
             b.close()
+    if rank != 0:
+        return 0
     mean, post = summary["mean_foreground_dice"], summary["mean_foreground_dice_postprocessed"]
     print(f"{pipeline.name}: out-of-fold mean foreground Dice {'n/a' if mean is None else f'{mean:.4f}'} over "
           f"{summary['n_cases']} cases (post-processed {'n/a' if post is None else f'{post:.4f}'}, "

@@ -22,7 +22,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.planning.schema import Plan
 
-__all__ = ["preprocess_dataset", "preprocess_case", "PatchLoader", "FG_LOCATIONS_PER_CLASS"]
+__all__ = ["preprocess_dataset", "preprocess_case", "cache_folder", "PatchLoader", "FG_LOCATIONS_PER_CLASS"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,15 @@ def preprocess_case(case: Any, plan: Plan, config_name: str, out_dir: Path) -> s
     return case.case_id
 
 
+def cache_folder(cache_root: str | Path, plan: Plan | Mapping[str, Any], config_name: str) -> Path:
+    """``cache_root/<plan_hash>/<config_name>``: where :func:`preprocess_dataset` writes a plan's configuration."""
+    from medseg.planning import plan_hash
+
+    return Path(cache_root) / plan_hash(Plan.coerce(plan)) / config_name
+
+
 def preprocess_dataset(manifest: Any, plan: Plan | Mapping[str, Any], config_name: str, cache_root: str | Path,
-                       num_workers: int = 1) -> Path:
+                       num_workers: int = 1, *, shard: tuple[int, int] | None = None) -> Path:
     """Preprocess every case of ``manifest`` once; cases already in the cache are reused.
 
     Args:
@@ -82,6 +89,8 @@ def preprocess_dataset(manifest: Any, plan: Plan | Mapping[str, Any], config_nam
         config_name: configuration, e.g. ``"3d_fullres"``.
         cache_root: root folder of preprocessed caches.
         num_workers: processes to use (1 = in this process).
+        shard: ``(i, n)``: only the cases ``i, i + n, ...`` of the manifest (one torchrun rank's share; the
+            ranks together fill the cache, each case's files written atomically by exactly one of them).
 
     Returns:
         ``cache_root/<plan_hash>/<config_name>``, holding ``<case>.npy``, ``<case>_seg.npy``, ``<case>.json`` and
@@ -91,18 +100,19 @@ def preprocess_dataset(manifest: Any, plan: Plan | Mapping[str, Any], config_nam
         ConfigError: unknown configuration. InputError: unreadable case files.
     """
     from medseg.io import atomic_path
-    from medseg.planning import plan_hash
+
     plan = Plan.coerce(plan)
     cfg = plan.configuration(config_name)
-    out = Path(cache_root) / plan_hash(plan) / config_name
+    out = cache_folder(cache_root, plan, config_name)
     out.mkdir(parents=True, exist_ok=True)
+    cases = list(manifest.cases) if shard is None else list(manifest.cases)[shard[0]::shard[1]]
     todo = []
-    for case in manifest.cases:
+    for case in cases:
         done = (out / f"{case.case_id}.json").exists() and (out / f"{case.case_id}.npy").exists()
         if not done or (case.label is not None and not (out / f"{case.case_id}_seg.npy").exists()):
             todo.append(case)
-    log.info("preprocessing %d of %d cases into %s (%d cached)", len(todo), len(manifest.cases), out,
-             len(manifest.cases) - len(todo))
+    log.info("preprocessing %d of %d cases into %s (%d cached%s)", len(todo), len(cases), out, len(cases) - len(todo),
+             "" if shard is None else f"; share {shard[0]} of {shard[1]}")
     if num_workers > 1 and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor
 

@@ -158,8 +158,15 @@ def run_crossval(
     retrain: bool = False,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
     device: str | None = None,
+    ddp: bool = False,
 ) -> dict[str, Any]:
     """Train (or collect) the folds, predict out of fold, summarise and choose post-processing.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the work (:mod:`medseg.training.distributed`): each
+    preprocesses its share of the cases, trains the folds ``folds[rank::world]`` alone (or, with ``ddp``, every
+    fold together with the others, data-parallel) and predicts its folds' validation cases; rank 0 then scores the
+    out-of-fold predictions, summarises, chooses the post-processing and writes the model record. A rank that fails
+    stops the others with its message.
 
     Args:
         pipeline: the pipeline configuration.
@@ -168,31 +175,93 @@ def run_crossval(
         retrain: train even folds that already finished.
         progress: ``(fold, epoch_info)`` callback.
         device: device for the OOF predictions (default the training device).
+        ddp: under torchrun, train each fold with all ranks (data-parallel) instead of one fold per rank.
 
     Returns:
-        The crossval summary (also written to ``crossval_summary.json``).
+        The crossval summary (also written to ``crossval_summary.json``), on every rank.
 
     Raises:
         ConfigError: a fold outside ``0 .. folds-1``.
+        PeerFailure: under torchrun, another rank failed.
     """
-    from medseg.metrics import compute_metrics
-    from medseg.runtime import resolve_device
+    from medseg.training.distributed import coordinator
 
     folds = list(range(pipeline.folds)) if folds is None else [int(f) for f in folds]
     bad = [f for f in folds if not 0 <= f < pipeline.folds]
     if bad or not folds:
         raise ConfigError("--folds", folds, f"fold numbers between 0 and {pipeline.folds - 1}")
-    run = prepare_run(pipeline, device=resolve_device(pipeline.train.device).type)
+    coord = coordinator()
+    if coord is None:
+        return _crossval(pipeline, folds, _OneProcess(), resume=resume, retrain=retrain, progress=progress,
+                         device=device, ddp=False)
+    from medseg.training.distributed import RunRanks
+
+    with coord.guard():
+        return _crossval(pipeline, folds, RunRanks(coord), resume=resume, retrain=retrain, progress=progress,
+                         device=device, ddp=ddp)
+
+
+class _OneProcess:
+    """The hooks of :func:`_crossval` for a single process: it does everything."""
+
+    rank, world = 0, 1
+
+    def prepare(self, pipeline: PipelineConfig, device: str) -> RunData:
+        return prepare_run(pipeline, device=device)
+
+    def start_ddp(self) -> None:
+        pass
+
+    def my_folds(self, folds: list[int], ddp: bool) -> list[int]:
+        return folds
+
+    def oof_folds(self, folds: list[int]) -> list[int]:
+        return []  # rank 0 predicts them all below
+
+    def after_training(self, run: RunData, folds: list[int],
+                       results: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        update_model_record(run)
+        return results
+
+    def after_predictions(self, run: RunData, folds: list[int]) -> None:
+        pass
+
+    def finish(self, run: RunData, summary: dict[str, Any] | None) -> dict[str, Any]:
+        assert summary is not None
+        return summary
+
+
+def _result_entry(r: Any) -> dict[str, Any]:
+    return {"epochs": r.epochs, "best_epoch": r.best_epoch, "elapsed_s": round(r.elapsed_s, 1),
+            "stopped_early": r.stopped_early}
+
+
+def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume: bool, retrain: bool,
+              progress: Callable[[int, dict[str, Any]], None] | None, device: str | None,
+              ddp: bool) -> dict[str, Any]:
+    from medseg.metrics import compute_metrics
+    from medseg.runtime import resolve_device
+
+    run = ranks.prepare(pipeline, resolve_device(pipeline.train.device).type)
+    if ddp:
+        ranks.start_ddp()
+    mine = ranks.my_folds(folds, ddp)
     results = {}
-    for fold in folds:
+    for fold in mine:
         fold_dir = run.run_dir / f"fold_{fold}"
         if not retrain and fold_is_finished(fold_dir):
             logger.info("fold %d already trained; reusing %s", fold, fold_dir)
             continue
         cb = (lambda info, f=fold: progress(f, info)) if progress is not None else None
-        res = train_fold(pipeline, fold, resume=resume, progress=cb, run=run)
+        res = train_fold(pipeline, fold, resume=resume, progress=cb, run=run, ddp=ddp or ranks.world == 1)
         results[fold] = res
-    update_model_record(run)
+    # rank 0 gets every rank's training results and writes the model record of all finished folds
+    training = ranks.after_training(run, folds, {f: _result_entry(r) for f, r in results.items()})
+    for fold in ranks.oof_folds(folds):
+        predict_out_of_fold(run, fold, device=device)  # each rank its share of the OOF predictions (files)
+    ranks.after_predictions(run, folds)
+    if ranks.rank != 0:
+        return ranks.finish(run, None)
     from medseg.transforms.labels import value_names
 
     # predictions (Predictor) and references (the files) both hold the data's label values: score by value
@@ -224,11 +293,10 @@ def run_crossval(
         "mean_foreground_dice": float(np.mean(dice_fg)) if dice_fg else None,
         "mean_foreground_dice_postprocessed": report["mean_dice_after"],
         "postprocessing": setting.to_dict(),
-        "training": {str(f): {"epochs": r.epochs, "best_epoch": r.best_epoch, "elapsed_s": round(r.elapsed_s, 1),
-                              "stopped_early": r.stopped_early} for f, r in results.items()},
+        "training": {str(f): training[f] for f in folds if f in training},
         **summary,
     }
     write_json(run.run_dir / "crossval_summary.json", summary)
     logger.debug("crossval %s: OOF mean foreground Dice %.4f over %d cases (post-processed %.4f)", pipeline.name,
                 summary["mean_foreground_dice"] or float("nan"), len(per_case), report["mean_dice_after"])
-    return summary
+    return ranks.finish(run, summary)

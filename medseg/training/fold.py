@@ -4,14 +4,14 @@ network -> :class:`~medseg.training.trainer.Trainer`, recording everything in th
 Each fold can run as its own process (folds spread over GPUs or nodes); the shared files of the run folder
 (plan.json, splits.json) are written atomically and are identical whichever process writes them first. Under
 ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, gloo on CPU); rank 0
-prepares the data and the others wait for it.
+plans while the others wait, then every rank preprocesses its share of the cases
+(:class:`medseg.training.distributed.RunRanks`; store barriers with data-scaled timeouts, not NCCL's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,22 +53,6 @@ class RunData:
         return self.pipeline.output
 
 
-def _dist_setup() -> tuple[int, int]:
-    """Initialise torch.distributed under torchrun; returns (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -76,13 +60,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = True) -> RunData:
+def cache_root(pipeline: PipelineConfig) -> Path:
+    """The root of the pipeline's preprocess cache: its ``cache:`` key, else ``RUN/cache``."""
+    return Path(pipeline.cache or (pipeline.output / "cache"))
+
+
+def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = True,
+                preprocess: bool = True) -> RunData:
     """Load the manifest, make or reuse the plan and splits, fill the preprocess cache, write the run record.
 
     Args:
         pipeline: the pipeline configuration.
         device: ``"cpu"`` or ``"cuda"``: what the plan is sized for when a new plan is made.
         write: write plan.json, splits.json, config.yaml, environment.json (False on DDP ranks > 0).
+        preprocess: fill the cache (False: the caller does, e.g. each torchrun rank its share of the cases with
+            ``preprocess_dataset(..., shard=(rank, world))``); ``cache_dir`` is the same either way.
 
     Returns:
         The shared :class:`RunData`.
@@ -91,7 +83,7 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         InputError: unusable data set, plan or split file.
         ConfigError: the configuration is absent from the plan.
     """
-    from medseg.data.loader import preprocess_dataset
+    from medseg.data.loader import cache_folder, preprocess_dataset
     from medseg.data.manifest import load_manifest
     from medseg.data.splits import load_or_create_splits, read_splits
     from medseg.planning import fingerprint, load_plan, make_plan, plan_hash, save_plan
@@ -130,8 +122,10 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         if p.splits is not None and not split_path.is_file():
             write_json(split_path, splits)
     splits = load_or_create_splits(split_path, manifest, p.folds, p.seed) if write else read_splits(split_path)
-    cache_root = p.cache or (run_dir / "cache")
-    cache_dir = Path(preprocess_dataset(manifest, plan, p.configuration, cache_root))
+    if preprocess:
+        cache_dir = Path(preprocess_dataset(manifest, plan, p.configuration, cache_root(p)))
+    else:
+        cache_dir = cache_folder(cache_root(p), plan, p.configuration)
     if write:
         write_yaml(run_dir / "config.yaml", p.to_dict())
         write_json(run_dir / "environment.json", environment({
@@ -337,6 +331,7 @@ def train_fold(
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     run: RunData | None = None,
+    ddp: bool = True,
 ) -> Any:
     """Train fold ``fold`` of ``pipeline`` into ``OUTPUT/fold_K`` and (re)write ``model.json``.
 
@@ -346,6 +341,8 @@ def train_fold(
         resume: continue from ``fold_K/checkpoint_latest.pt`` when present.
         progress: per-epoch callback (the CLI's progress bar).
         run: an already prepared :class:`RunData` (crossval prepares it once).
+        ddp: under torchrun, train the fold data-parallel with the other ranks (False: this process trains it
+            alone, as distributed crossval's one fold per rank does; ``run`` is then required).
 
     Returns:
         The :class:`~medseg.training.trainer.FoldResult`.
@@ -353,26 +350,38 @@ def train_fold(
     Raises:
         InputError: a fold the split file lacks, unusable data.
         ConfigError: invalid options.
+        PeerFailure: under torchrun, another rank failed.
     """
+    from medseg.training.distributed import coordinator
+
+    if not ddp and run is None:
+        raise ValueError("train_fold(ddp=False) needs the prepared run")
+    coord = coordinator() if ddp else None
+    if coord is None:
+        return _train_fold(pipeline, fold, resume, progress, run, ddp, None)
+    with coord.guard():  # a rank's failure stops the others with its message
+        return _train_fold(pipeline, fold, resume, progress, run, ddp, coord)
+
+
+def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Callable[[dict[str, Any]], None] | None,
+                run: RunData | None, ddp: bool, coord: Any) -> Any:
     import numpy as np
     import torch
 
     from medseg.data.splits import get_fold
     from medseg.losses import build_loss
     from medseg.runtime import resolve_device
+    from medseg.training.distributed import RunRanks, init_process_group
     from medseg.training.trainer import Trainer, ValCase
 
-    rank, world = _dist_setup()
+    rank, world = init_process_group(store=None if coord is None else coord.new_client()) if ddp else (0, 1)
     cfg = pipeline.train
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    if run is None:
-        if rank == 0:
-            run = prepare_run(pipeline, device=device.type, write=True)
-        _barrier()
-        if rank != 0:
-            run = prepare_run(pipeline, device=device.type, write=False)
+    if run is None:  # under torchrun: rank 0 plans, each rank preprocesses its share, store barriers between
+        run = prepare_run(pipeline, device=device.type) if coord is None else RunRanks(coord).prepare(
+            pipeline, device.type)
     entry = get_fold(run.splits, fold, run.run_dir / "splits.json")
     labelled = {c.case_id for c in run.manifest.cases if c.label is not None}
     train_ids = [c for c in entry["train"] if c in labelled]
