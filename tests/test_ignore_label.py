@@ -326,3 +326,37 @@ def test_sparse_hippocampus_plans_and_keeps_the_dense_labels_on_kept_slices(tmp_
         keep = info["kept_slices"][case.case_id]
         np.testing.assert_array_equal(s[..., keep], d[..., keep])
         assert len(keep) == round(0.3 * d.shape[-1]) and (np.delete(s, keep, axis=-1) == 3).all()
+
+
+def test_medseg_evaluate_leaves_out_the_ignore_label_of_the_references(tmp_path):
+    from medseg.evaluation import evaluate_folder
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    ref = np.zeros((10, 10, 8), np.uint8)
+    ref[2:6, 2:6, 2:6] = 1
+    ref[:, :, 6:] = 3
+    pred = np.where(ref == 3, 2, ref).astype(np.uint8)  # class 2 only where the reference is unlabelled
+    for folder, arr in (("pred", pred), ("ref/labelsTr", ref)):
+        write_volume(Volume(arr[None], affine, 3), tmp_path / folder / "c0.nii.gz")
+    (tmp_path / "ref" / "dataset.json").write_text(json.dumps(
+        {"labels": {"0": "background", "1": "a", "2": "b", "3": "ignore"}}))
+    ev = evaluate_folder(tmp_path / "pred", tmp_path / "ref" / "labelsTr", n_boot=10)
+    assert sorted(ev.label_names) == [1, 2] and ev.summary["ignore_label"] == 3
+    assert ev.per_case["c0"][1]["dice"] == 1.0 and ev.per_case["c0"][2]["n_pred"] == 0.0
+    (tmp_path / "ref" / "dataset.json").unlink()
+    plain = evaluate_folder(tmp_path / "pred", tmp_path / "ref" / "labelsTr", n_boot=10)
+    assert plain.per_case["c0"][2]["n_pred"] > 0  # without the ignore label the voxels count
+    again = evaluate_folder(tmp_path / "pred", tmp_path / "ref" / "labelsTr", [1, 2], n_boot=10, ignore=3)
+    assert again.per_case["c0"][2]["n_pred"] == 0.0
+
+
+def test_check_dataset_accepts_the_declared_ignore_value(tmp_path):
+    from medseg.data.checks import check_dataset
+    from medseg.data.manifest import load_manifest
+
+    root = _write_dataset(tmp_path / "ds", {"0": "background", "1": "a", "2": "b"}, {"ignore": 3}, n=1)
+    assert not [p for p in check_dataset(load_manifest(root)).errors if "not declared" in p.problem]
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["ignore"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert [p for p in check_dataset(load_manifest(root)).errors if "not declared" in p.problem]
