@@ -155,24 +155,28 @@ def check_same_geometry(pred, ref, pred_path: str | Path, ref_path: str | Path) 
                      "a prediction on the reference's voxel grid (same shape and affine)")
 
 
-def _dataset_json(ref_dir: str | Path) -> Path | None:
-    """The ``dataset.json`` in ``ref_dir`` or its parent, or None."""
+def _dataset_json(ref_dir: str | Path) -> tuple[Path, dict] | None:
+    """``(path, content)`` of the ``dataset.json`` in ``ref_dir`` or its parent; None when there is none, or
+    (with a warning) when it is not a readable JSON object."""
     for folder in (Path(ref_dir), Path(ref_dir).parent):
-        if (folder / "dataset.json").is_file():
-            return folder / "dataset.json"
+        path = folder / "dataset.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            log.warning("%s: not readable JSON; labels will be taken from the reference files", path)
+            return None
+        return path, data
     return None
 
 
 def read_label_names(ref_dir: str | Path) -> dict[int, str] | None:
     """Class names from a ``dataset.json`` in ``ref_dir`` or its parent (MSD or nnU-Net v2 layout), else None."""
-    path = _dataset_json(ref_dir)
-    if path is None:
-        return None
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (OSError, ValueError, AttributeError):
-        log.warning("%s: not readable JSON; labels will be taken from the reference files", path)
-        return None
+    found = _dataset_json(ref_dir)
+    labels = found[1].get("labels") if found else None
     if not isinstance(labels, Mapping):
         return None
     try:
@@ -180,20 +184,15 @@ def read_label_names(ref_dir: str | Path) -> dict[int, str] | None:
             return {int(k): str(v) for k, v in labels.items()}
         return {int(v): str(k) for k, v in labels.items()}  # nnU-Net v2: {"background": 0, ...}
     except (TypeError, ValueError):  # nnU-Net regions ({"name": [1, 2]}) are not plain labels
-        log.warning("%s: labels are regions, not plain class values; scoring the values found instead", path)
+        log.warning("%s: labels are regions, not plain class values; scoring the values found instead", found[0])
         return None
 
 
 def read_ignore_label(ref_dir: str | Path) -> int | None:
     """The ignore label of a ``dataset.json`` beside the references (``"ignore": N`` or a label named
     ``ignore``), else None."""
-    path = _dataset_json(ref_dir)
-    if path is None:
-        return None
-    try:
-        top = json.loads(path.read_text()).get("ignore")
-    except (OSError, ValueError, AttributeError):
-        return None
+    found = _dataset_json(ref_dir)
+    top = found[1].get("ignore") if found else None
     if isinstance(top, int) and not isinstance(top, bool):
         return int(top)
     named = [v for v, n in (read_label_names(ref_dir) or {}).items() if n.strip().lower() == "ignore"]
