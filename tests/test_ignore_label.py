@@ -360,3 +360,41 @@ def test_check_dataset_accepts_the_declared_ignore_value(tmp_path):
     del meta["ignore"]
     (root / "dataset.json").write_text(json.dumps(meta))
     assert [p for p in check_dataset(load_manifest(root)).errors if "not declared" in p.problem]
+
+
+def test_crossval_on_a_sparse_copy_trains_and_scores_labelled_voxels_only(tmp_path):
+    """End to end: demo data -> sparsify (30 %) -> crossval. The record and plan carry the ignore value, the cache
+    holds it as index K, predictions never contain it, and the out-of-fold metrics leave it out."""
+    import csv
+
+    import yaml
+
+    from medseg.cli.main import main
+    from medseg.data.demo import make_demo_dataset
+    from medseg.metrics import compute_metrics
+    from medseg.planning import load_model_record
+
+    data = make_demo_dataset(tmp_path / "data", n_cases=4, seed=0)
+    _sparsify().sparsify_dataset(data, tmp_path / "sparse", 0.3)
+    cfg = {"name": "sparse", "configuration": "3d_fullres", "folds": 2, "seed": 0, "dataset": str(tmp_path / "sparse"),
+           "output": str(tmp_path / "run"), "cache": str(tmp_path / "cache"),
+           "train": {"epochs": 1, "batches_per_epoch": 2, "optimizer": "adamw", "lr": 0.003, "val_every": 1,
+                     "batch_size": 2, "patch_size": [16, 16, 16], "device": "cpu", "val_max_cases": 1, "threads": 1,
+                     "network": {"name": "unet", "kwargs": {"features": [4, 8], "strides": [1, 2]}}}}
+    (tmp_path / "sparse.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "crossval", "--config", str(tmp_path / "sparse.yaml"), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    record = load_model_record(run)
+    assert record.ignore_value == 3 and record.num_classes == 3 and record.label_values == [0, 1, 2]
+    segs = list((tmp_path / "cache").rglob("*_seg.npy"))
+    assert segs and all(3 in np.unique(np.load(p)) for p in segs)
+    with (run / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["label"] for row in rows} == {"1", "2"}
+    for path in sorted(run.glob("fold_*/validation/*.nii.gz")):
+        pred = np.asarray(read_volume(path).array)
+        assert 3 not in np.unique(pred)
+        ref = read_volume(tmp_path / "sparse" / "labelsTr" / path.name)
+        want = compute_metrics(pred, np.asarray(ref.array), ref.spacing, [1, 2], ignore=3)
+        got = {int(r["label"]): float(r["dice"]) for r in rows if r["case"] == path.name[:-7]}
+        assert got == pytest.approx({k: v["dice"] for k, v in want.items()}, nan_ok=True)
