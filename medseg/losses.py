@@ -31,6 +31,7 @@ from medseg.errors import ConfigError
 
 __all__ = [
     "LOSSES",
+    "IGNORE_LOSSES",
     "build_loss",
     "inverse_frequency_weights",
     "unet_weight_map",
@@ -95,7 +96,7 @@ class CrossEntropyLoss(nn.Module):
                 logits.float(), target[:, 0].long(), weight=self.weight, label_smoothing=self.label_smoothing
             )
         labels, valid = split_ignore(target[:, 0], self.ignore_index)
-        assert valid is not None
+        assert valid is not None  # ignore_index is set
         # reduction "none" with ignore_index: exactly 0 (and zero gradient) at ignored voxels, w[y] * ce elsewhere
         ce = F.cross_entropy(logits.float(), target[:, 0].long(), weight=self.weight,
                              label_smoothing=self.label_smoothing, ignore_index=int(self.ignore_index),
