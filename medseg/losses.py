@@ -6,6 +6,15 @@ scalar. MONAI provides the Dice, Dice+CE, focal, Tversky and IoU (Jaccard) terms
 lacks: the inverse-frequency class weights, the border-weighted cross-entropy of Ronneberger et al. 2015
 (eq. 2: ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``) and a deep-supervision wrapper whose
 weights ``1/2^i`` are normalised to sum to one (nnU-Net's scheme).
+
+**Ignore label.** With ``build_loss(..., ignore_index=K)`` target voxels holding ``K`` (the plan's
+``ignore_index``: one past the last class) take no part in the loss: :func:`split_ignore` is the one place that
+turns such a target into a valid-voxel mask and a target of real classes; cross-entropy is the mean over labelled
+voxels only, the overlap losses (Dice, IoU, Tversky) sum probabilities and one-hot targets over labelled voxels
+only (:class:`MaskedOverlapLoss`). What holds exactly (``tests/test_ignore_label.py``): changing the logits at
+ignored voxels changes neither the loss nor its gradient at the other logits (bitwise), and the gradient at ignored
+voxels is zero; a batch without a labelled voxel gives loss 0 and zero gradient, never NaN. Deep supervision
+downsamples the target by nearest neighbour, so lower levels keep the ignore index.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ from medseg.errors import ConfigError
 
 __all__ = [
     "LOSSES",
+    "IGNORE_LOSSES",
     "build_loss",
     "inverse_frequency_weights",
     "unet_weight_map",
     "BorderWeightedCELoss",
     "CrossEntropyLoss",
     "DeepSupervisionLoss",
+    "MaskedOverlapLoss",
+    "split_ignore",
     "deep_supervision_weights",
 ]
 
@@ -37,24 +49,98 @@ logger = logging.getLogger(__name__)
 LOSSES = ("ce", "weighted_ce", "dice", "dice_ce", "focal", "dice_focal", "tversky", "iou", "border_ce")
 
 
+#: Loss names that support an ignore label (``build_loss(..., ignore_index=K)``).
+IGNORE_LOSSES = ("ce", "weighted_ce", "dice", "dice_ce", "iou", "tversky")
+
+
+def split_ignore(target: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one definition of "ignored voxel": a target of real classes and the mask of labelled voxels.
+
+    Args:
+        target: integer labels ``(B, 1, *spatial)`` (or any shape).
+        ignore_index: the value of unlabelled voxels (the plan's ``ignore_index``), or None.
+
+    Returns:
+        ``(labels, valid)``: ``labels`` is ``target`` as int64 with ignored voxels set to class 0 (so one-hot
+        encoding and indexing stay in range; callers must mask them out with ``valid``); ``valid`` is the boolean
+        mask of labelled voxels, shaped like ``target``, or None when ``ignore_index`` is None.
+    """
+    labels = target.long()
+    if ignore_index is None:
+        return labels, None
+    valid = labels != int(ignore_index)
+    return torch.where(valid, labels, torch.zeros_like(labels)), valid
+
+
 class CrossEntropyLoss(nn.Module):
     """Cross-entropy on ``(B, 1, *spatial)`` integer targets (the channel axis MONAI's losses expect).
 
     Args:
         weight: optional per-class weights ``(K,)``.
         label_smoothing: as in :class:`torch.nn.CrossEntropyLoss`.
+        ignore_index: target value of unlabelled voxels: the loss is the (weighted) mean over the other voxels,
+            0 with zero gradient when there are none; None = every voxel counts.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 ignore_index: int | None = None):
         super().__init__()
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
         self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` (B, K, *s) against ``target`` (B, 1, *s)."""
-        return F.cross_entropy(
-            logits.float(), target[:, 0].long(), weight=self.weight, label_smoothing=self.label_smoothing
-        )
+        if self.ignore_index is None:
+            return F.cross_entropy(
+                logits.float(), target[:, 0].long(), weight=self.weight, label_smoothing=self.label_smoothing
+            )
+        labels, valid = split_ignore(target[:, 0], self.ignore_index)
+        assert valid is not None  # ignore_index is set
+        # reduction "none" with ignore_index: exactly 0 (and zero gradient) at ignored voxels, w[y] * ce elsewhere
+        ce = F.cross_entropy(logits.float(), target[:, 0].long(), weight=self.weight,
+                             label_smoothing=self.label_smoothing, ignore_index=int(self.ignore_index),
+                             reduction="none")
+        w = valid.float() if self.weight is None else torch.where(valid, self.weight[labels], 0.0)
+        return ce.sum() / w.sum().clamp_min(1e-8)
+
+
+class MaskedOverlapLoss(nn.Module):
+    """An overlap loss (MONAI's Dice, IoU, Tversky) on softmax probabilities and one-hot targets that are zero at
+    ignored voxels, so those voxels add nothing to any intersection, prediction or reference sum.
+
+    Args:
+        overlap: the MONAI loss, built with ``softmax=False, to_onehot_y=False`` (it receives probabilities and
+            one-hot targets).
+        ignore_index: target value of unlabelled voxels, or None.
+    """
+
+    def __init__(self, overlap: nn.Module, ignore_index: int | None):
+        super().__init__()
+        self.overlap = overlap
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The overlap loss of ``logits`` (B, K, *s) against ``target`` (B, 1, *s) over labelled voxels."""
+        labels, valid = split_ignore(target, self.ignore_index)
+        prob = torch.softmax(logits.float(), dim=1)
+        onehot = F.one_hot(labels[:, 0], logits.shape[1]).movedim(-1, 1).to(prob.dtype)
+        if valid is not None:  # where, not a product: exact zeros whatever the logits there (inf included)
+            prob = torch.where(valid, prob, 0.0)
+            onehot = torch.where(valid, onehot, 0.0)
+        return self.overlap(prob, onehot)
+
+
+class _WeightedSum(nn.Module):
+    """``sum(w * loss(outputs, target))`` over ``(w, loss)`` terms (Dice + CE with an ignore label)."""
+
+    def __init__(self, terms: Sequence[tuple[float, nn.Module]]):
+        super().__init__()
+        self.weights = [float(w) for w, _ in terms]
+        self.terms = nn.ModuleList([t for _, t in terms])
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(w * t(logits, target) for w, t in zip(self.weights, self.terms))  # type: ignore[return-value]
 
 
 def unet_weight_map(
@@ -164,8 +250,8 @@ def deep_supervision_weights(levels: int) -> list[float]:
 
 class DeepSupervisionLoss(nn.Module):
     """Apply ``loss`` to every output of a deeply supervised network, the target downsampled by nearest
-    neighbour to each output's size, weighted by :func:`deep_supervision_weights`. A single tensor is passed
-    straight to ``loss``.
+    neighbour to each output's size (an ignore index stays an ignore index), weighted by
+    :func:`deep_supervision_weights`. A single tensor is passed straight to ``loss``.
 
     Args:
         loss: the per-level loss.
@@ -196,6 +282,7 @@ def build_loss(
     class_counts: Sequence[float] | None = None,
     deep_supervision: bool = False,
     options: dict | None = None,
+    ignore_index: int | None = None,
 ) -> nn.Module:
     """Create a loss by name.
 
@@ -208,12 +295,15 @@ def build_loss(
         deep_supervision: wrap the loss in :class:`DeepSupervisionLoss`.
         options: extra keyword arguments for the chosen loss (e.g. ``{"alpha": 0.3, "beta": 0.7}`` for Tversky,
             ``{"gamma": 2.0}`` for focal, ``{"w0": 10, "sigma": 5}`` for ``border_ce``).
+        ignore_index: target value of unlabelled voxels (the plan's ``ignore_index``), which then take no part in
+            the loss (see the module docstring); one of :data:`IGNORE_LOSSES` is required then.
 
     Returns:
         an ``nn.Module`` called as ``loss(logits_or_list, target)``.
 
     Raises:
-        ConfigError: unknown name, or ``weighted_ce`` without ``class_counts``.
+        ConfigError: unknown name, ``weighted_ce`` without ``class_counts``, or an ignore label with a loss that
+            does not support one.
     """
     from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss, TverskyLoss
 
@@ -221,9 +311,13 @@ def build_loss(
     common = {"to_onehot_y": True, "softmax": True, "include_background": False, "batch": True}
     if num_classes < 2:
         raise ConfigError("num_classes", num_classes, "at least 2 (background and one class)")
+    if ignore_index is not None and name not in IGNORE_LOSSES:
+        raise ConfigError("train.loss", name, "with an ignore label in the data, one of " + ", ".join(IGNORE_LOSSES))
     loss: nn.Module
     try:
-        if name == "ce":
+        if ignore_index is not None:
+            loss = _ignore_loss(name, opts, ignore_index, class_counts)
+        elif name == "ce":
             loss = CrossEntropyLoss(**opts)
         elif name == "weighted_ce":
             if class_counts is None:
@@ -252,6 +346,30 @@ def build_loss(
     except TypeError as exc:
         raise ConfigError("train.loss_options", opts, f"keyword arguments accepted by {name!r} ({exc})") from exc
     return _FloatTarget(DeepSupervisionLoss(loss) if deep_supervision else loss)
+
+
+def _ignore_loss(name: str, opts: dict, ignore_index: int, class_counts: Sequence[float] | None) -> nn.Module:
+    """The losses of :data:`IGNORE_LOSSES` with unlabelled voxels left out (the same terms as without)."""
+    from monai.losses import DiceLoss, TverskyLoss
+
+    overlap = {"to_onehot_y": False, "softmax": False, "include_background": False, "batch": True}
+    if name in ("ce", "weighted_ce"):
+        if name == "weighted_ce":
+            if class_counts is None:
+                raise ConfigError("train.loss", name, "class voxel counts to derive inverse-frequency weights")
+            opts = {"weight": inverse_frequency_weights(class_counts), **opts}
+        return CrossEntropyLoss(**opts, ignore_index=ignore_index)
+    if name == "dice":
+        return MaskedOverlapLoss(DiceLoss(**overlap, **opts), ignore_index)
+    if name == "iou":
+        return MaskedOverlapLoss(DiceLoss(**overlap, jaccard=True, **opts), ignore_index)
+    if name == "tversky":
+        return MaskedOverlapLoss(TverskyLoss(**overlap, **{"alpha": 0.3, "beta": 0.7, **opts}), ignore_index)
+    # dice_ce: MONAI's DiceCELoss terms and keywords (lambda_dice, lambda_ce, weight, label_smoothing)
+    ce_opts = {k: opts.pop(k) for k in ("weight", "label_smoothing") if k in opts}
+    lam_dice, lam_ce = float(opts.pop("lambda_dice", 1.0)), float(opts.pop("lambda_ce", 1.0))
+    return _WeightedSum([(lam_dice, MaskedOverlapLoss(DiceLoss(**overlap, **opts), ignore_index)),
+                         (lam_ce, CrossEntropyLoss(**ce_opts, ignore_index=ignore_index))])
 
 
 class _FloatTarget(nn.Module):

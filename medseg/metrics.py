@@ -168,6 +168,7 @@ def binary_metrics(
     spacing: Sequence[float],
     *,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    valid: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics for one pair of binary masks (see the module docstring for definitions and edge cases).
 
@@ -176,6 +177,8 @@ def binary_metrics(
         ref: reference boolean mask of the same shape.
         spacing: voxel size in mm per spatial axis.
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        valid: boolean mask of the labelled voxels (the reference is not the ignore label), or None = all.
+            Voxels outside it count in no metric: both masks are restricted to it, and accuracy is over it.
 
     Returns:
         ``{metric: value}`` with the keys of :func:`metric_names`.
@@ -185,6 +188,10 @@ def binary_metrics(
     """
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
+    n_voxels = pred.size
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        pred, ref, n_voxels = pred & valid, ref & valid, int(np.count_nonzero(valid))
     if nsd_tolerance_mm < 0 or not math.isfinite(nsd_tolerance_mm):
         raise ValueError(f"nsd_tolerance_mm must be a finite value >= 0, got {nsd_tolerance_mm}")
     d_pred, d_ref = surface_distances(pred, ref, spacing)
@@ -192,11 +199,11 @@ def binary_metrics(
     n_ref = int(np.count_nonzero(ref))
     tp = int(np.count_nonzero(pred & ref))
     fp, fn = n_pred - tp, n_ref - tp
-    tn = pred.size - tp - fp - fn
+    tn = n_voxels - tp - fp - fn
     out: dict[str, float] = {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn),
         "iou": _ratio(tp, tp + fp + fn),
-        "accuracy": _ratio(tp + tn, pred.size),
+        "accuracy": _ratio(tp + tn, n_voxels),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
     }
@@ -227,8 +234,13 @@ def compute_metrics(
     labels: Sequence[int] | Mapping[int, str],
     *,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    ignore: int | None = None,
 ) -> dict[int, dict[str, float]]:
     """Metrics of every requested class of an integer label map against its reference.
+
+    With ``ignore`` (the data set's ignore label), voxels where the reference holds it are left out of every
+    metric: overlap counts and accuracy exactly; surface distances and volumes are those of the masks restricted
+    to the labelled voxels (a predicted structure in an unlabelled region is neither right nor wrong).
 
     Args:
         pred: predicted label map, spatial ``(*spatial)`` or channel-first ``(1, *spatial)``.
@@ -236,6 +248,7 @@ def compute_metrics(
         spacing: voxel size in mm per spatial axis (``Volume.spacing``); its length sets 2D or 3D.
         labels: the class values to score (a sequence, or a ``{value: name}`` mapping; 0 is allowed).
         nsd_tolerance_mm: tolerance of the normalised surface Dice in mm.
+        ignore: the reference value of unlabelled voxels, or None.
 
     Returns:
         ``{label: {metric: value}}``, metric keys as in :func:`metric_names` (NaN/inf per the edge-case table).
@@ -259,6 +272,8 @@ def compute_metrics(
     keys = [int(k) for k in (labels.keys() if isinstance(labels, Mapping) else labels)]
     if not keys:
         raise ValueError("labels is empty; expected at least one class value")
+    valid = None if ignore is None else ref != int(ignore)
     return {
-        k: binary_metrics(pred == k, ref == k, spacing, nsd_tolerance_mm=nsd_tolerance_mm) for k in keys
+        k: binary_metrics(pred == k, ref == k, spacing, nsd_tolerance_mm=nsd_tolerance_mm, valid=valid)
+        for k in keys if k != ignore
     }

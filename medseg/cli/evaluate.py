@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--ignore-label", type=int, metavar="INT",
+                   help="reference value of unlabelled voxels, left out of every metric (default: the ignore label "
+                        "of a dataset.json beside --ref, if any)")
     p.set_defaults(func=run)
 
 
@@ -53,7 +56,7 @@ def run(args) -> int:
         labels = {v: (n or str(v)) for v, n in args.labels}
     result = evaluate_folder(args.pred, args.ref, labels, nsd_tolerance_mm=args.nsd_tolerance,
                              allow_missing=args.allow_missing, workers=args.workers, n_boot=args.bootstrap,
-                             seed=args.seed)
+                             seed=args.seed, ignore=args.ignore_label)
     csv_path, json_path = write_evaluation(result, args.out or args.pred)
     size = "volume" if result.summary.get("spatial_dims", 3) == 3 else "area"
     print(f"{len(result.per_case)} case(s); mean ± sd [95% CI of the mean] n=finite values; "

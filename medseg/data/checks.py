@@ -254,7 +254,7 @@ def check_case(case: Case, manifest: Manifest, *, atol: float = 1e-3) -> tuple[l
     ints = tuple(int(v) for v in values)
     summary.label_values = ints
     if manifest.labels:
-        undeclared = [v for v in ints if v not in manifest.labels]
+        undeclared = [v for v in ints if v not in manifest.labels and v != getattr(manifest, "ignore_label", None)]
         if undeclared:
             problems.append(Problem(str(case.label), f"label values {_fmt_values(undeclared)} are not declared labels",
                                     f"values in {sorted(manifest.labels)} ({_fmt_names(manifest.labels)})"))

@@ -77,6 +77,10 @@ class Manifest:
             by hand).
         dataset_json: the dataset.json that describes it, if any.
         declared: the dataset.json's content (what it declares: ``labels``, ``numTraining``, ...), ``{}`` without one.
+        ignore_label: the label value that marks unlabelled voxels (dataset.json's ``"ignore": N`` or a label named
+            ``ignore``; nnU-Net v2's convention: the highest label value), or None. It is not a class: ``labels``
+            does not list it, the network has no output for it, and those voxels take no part in the loss, the
+            patch sampling, the planner's statistics or the metrics.
     """
 
     root: Path
@@ -89,6 +93,7 @@ class Manifest:
     layout: str = ""
     dataset_json: Path | None = None
     declared: dict = field(default_factory=dict)
+    ignore_label: int | None = None
 
     def hash(self) -> str:
         """Stable SHA-256 of the case ids, patient ids and paths relative to ``root``.
@@ -395,6 +400,7 @@ def _from_dicom_folders(root: Path) -> tuple[Manifest, bool] | None:
 def _finish(built: tuple[Manifest, bool], regex: re.Pattern | None, layout: str) -> Manifest:
     man, has_patients = built
     man.layout = layout
+    _take_ignore_label(man)
     man.cases.sort(key=lambda c: c.case_id)
     if has_patients and all(c.patient_id for c in man.cases):
         source = "the CSV's patient_id column"
@@ -497,7 +503,8 @@ _DECLARED_TYPES = {"labels": (dict, "an object such as {\"0\": \"background\", \
                    "training": (list, "a list of {\"image\": ..., \"label\": ...} entries"),
                    "file_ending": (str, "a string such as \".nii.gz\""),
                    "numTraining": (int, "an integer number of training cases"),
-                   "name": ((str, int), "a string")}
+                   "name": ((str, int), "a string"),
+                   "ignore": (int, "an integer label value such as 3 (the highest label value)")}
 
 
 def _check_declared_types(meta: dict, where: Path) -> None:
@@ -551,6 +558,29 @@ def _labels_and_channels(meta: dict, where: Path) -> tuple[dict[int, str], dict[
         raise InputError(where, f"channel names {chans_src!r} are not keyed by channel index",
                          "{\"0\": \"CT\", ...}") from None
     return dict(sorted(labels.items())), dict(sorted(channels.items()))
+
+
+def _take_ignore_label(man: Manifest) -> None:
+    """Move the ignore label (``"ignore": N`` or a label named ``ignore``) out of ``man.labels`` into
+    ``man.ignore_label``; it must be the highest label value (nnU-Net v2's rule)."""
+    where = man.dataset_json or man.root / "dataset.json"
+    named = [v for v, n in man.labels.items() if n.strip().lower() == "ignore"]
+    top = man.declared.get("ignore")
+    if top is not None and top < 0:
+        raise InputError(where, f"'ignore' is {top}", "a non-negative label value (the highest one)")
+    if named and top is not None and top != named[0]:
+        raise InputError(where, f"'ignore' is {top} but the label named 'ignore' has the value {named[0]}",
+                         "one ignore value: either 'ignore': N or a label named 'ignore'")
+    value = named[0] if named else top
+    if value is None:
+        return
+    others = [v for v in man.labels if v != value]
+    if value == 0 or (others and value < max(others)):
+        raise InputError(where, f"the ignore label {value} is not the highest label value (labels "
+                                f"{sorted(man.labels)})", "the ignore label above every class value, as nnU-Net v2 "
+                                                          f"requires (e.g. {max(others + [0]) + 1})")
+    man.labels.pop(value, None)
+    man.ignore_label = int(value)
 
 
 def _dims_from(meta: dict, cases: list[Case]) -> int | None:

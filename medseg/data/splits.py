@@ -33,7 +33,8 @@ def label_classes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
         manifest: the data set.
 
     Returns:
-        case id -> sorted tuple of non-zero label values; unlabelled cases map to ``()``.
+        case id -> sorted tuple of non-zero label values (the ignore label is not a class: left out); unlabelled
+        cases map to ``()``.
 
     Raises:
         InputError: a label map cannot be read.
@@ -41,12 +42,13 @@ def label_classes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
     from medseg.data.dicom_labels import read_label
 
     out: dict[str, tuple[int, ...]] = {}
+    ignore = getattr(manifest, "ignore_label", None)
     for case in manifest.cases:
         if case.label is None:
             out[case.case_id] = ()
             continue
         values = np.unique(read_label(case.label, case.label_names, case.images).array)
-        out[case.case_id] = tuple(int(v) for v in values if v != 0)
+        out[case.case_id] = tuple(int(v) for v in values if v != 0 and v != ignore)
     return out
 
 

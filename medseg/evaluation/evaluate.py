@@ -155,27 +155,48 @@ def check_same_geometry(pred, ref, pred_path: str | Path, ref_path: str | Path) 
                      "a prediction on the reference's voxel grid (same shape and affine)")
 
 
-def read_label_names(ref_dir: str | Path) -> dict[int, str] | None:
-    """Class names from a ``dataset.json`` in ``ref_dir`` or its parent (MSD or nnU-Net v2 layout), else None."""
+def _dataset_json(ref_dir: str | Path) -> tuple[Path, dict] | None:
+    """``(path, content)`` of the ``dataset.json`` in ``ref_dir`` or its parent; None when there is none, or
+    (with a warning) when it is not a readable JSON object."""
     for folder in (Path(ref_dir), Path(ref_dir).parent):
         path = folder / "dataset.json"
         if not path.is_file():
             continue
         try:
-            labels = json.loads(path.read_text()).get("labels")
-        except (OSError, ValueError, AttributeError):
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
             log.warning("%s: not readable JSON; labels will be taken from the reference files", path)
             return None
-        if not isinstance(labels, Mapping):
-            return None
-        try:
-            if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: {"0": "background", ...}
-                return {int(k): str(v) for k, v in labels.items()}
-            return {int(v): str(k) for k, v in labels.items()}  # nnU-Net v2: {"background": 0, ...}
-        except (TypeError, ValueError):  # nnU-Net regions ({"name": [1, 2]}) are not plain labels
-            log.warning("%s: labels are regions, not plain class values; scoring the values found instead", path)
-            return None
+        return path, data
     return None
+
+
+def read_label_names(ref_dir: str | Path) -> dict[int, str] | None:
+    """Class names from a ``dataset.json`` in ``ref_dir`` or its parent (MSD or nnU-Net v2 layout), else None."""
+    found = _dataset_json(ref_dir)
+    labels = found[1].get("labels") if found else None
+    if not isinstance(labels, Mapping):
+        return None
+    try:
+        if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: {"0": "background", ...}
+            return {int(k): str(v) for k, v in labels.items()}
+        return {int(v): str(k) for k, v in labels.items()}  # nnU-Net v2: {"background": 0, ...}
+    except (TypeError, ValueError):  # nnU-Net regions ({"name": [1, 2]}) are not plain labels
+        log.warning("%s: labels are regions, not plain class values; scoring the values found instead", found[0])
+        return None
+
+
+def read_ignore_label(ref_dir: str | Path) -> int | None:
+    """The ignore label of a ``dataset.json`` beside the references (``"ignore": N`` or a label named
+    ``ignore``), else None."""
+    found = _dataset_json(ref_dir)
+    top = found[1].get("ignore") if found else None
+    if isinstance(top, int) and not isinstance(top, bool):
+        return int(top)
+    named = [v for v, n in (read_label_names(ref_dir) or {}).items() if n.strip().lower() == "ignore"]
+    return named[0] if named else None
 
 
 def evaluate_pair(
@@ -183,6 +204,7 @@ def evaluate_pair(
     ref_path: str | Path,
     labels: Sequence[int] | None,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    ignore: int | None = None,
 ) -> tuple[dict[int, dict[str, float]], int]:
     """Read one prediction/reference pair, check its geometry and compute the metrics.
 
@@ -190,6 +212,7 @@ def evaluate_pair(
         pred_path: prediction file; ref_path: reference file.
         labels: classes to score; None: every nonzero value present in either file.
         nsd_tolerance_mm: NSD tolerance.
+        ignore: the reference value of unlabelled voxels, left out of every metric (never a class), or None.
 
     Returns:
         ``({label: {metric: value}}, spatial_dims)``.
@@ -210,16 +233,17 @@ def evaluate_pair(
             a = a.astype(np.int64)
         arrays.append(a)
     if labels is None:
-        labels = sorted(int(v) for v in np.union1d(np.unique(arrays[0]), np.unique(arrays[1])) if v != 0)
+        labels = sorted(int(v) for v in np.union1d(np.unique(arrays[0]), np.unique(arrays[1]))
+                        if v != 0 and v != ignore)
     if not labels:
         return {}, pred.spatial_dims
     return compute_metrics(arrays[0], arrays[1], ref.spacing, list(labels),
-                           nsd_tolerance_mm=nsd_tolerance_mm), pred.spatial_dims
+                           nsd_tolerance_mm=nsd_tolerance_mm, ignore=ignore), pred.spatial_dims
 
 
 def _evaluate_job(args: tuple) -> tuple[str, dict[int, dict[str, float]], int]:
-    case, pred_path, ref_path, labels, tol = args
-    res, dims = evaluate_pair(pred_path, ref_path, labels, tol)
+    case, pred_path, ref_path, labels, tol, ignore = args
+    res, dims = evaluate_pair(pred_path, ref_path, labels, tol, ignore)
     return case, res, dims
 
 
@@ -233,6 +257,7 @@ def evaluate_folder(
     workers: int = 1,
     n_boot: int = 2000,
     seed: int = 0,
+    ignore: int | None = None,
 ) -> Evaluation:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
 
@@ -245,6 +270,8 @@ def evaluate_folder(
         allow_missing: score only the predicted cases when some references have no prediction.
         workers: parallel processes (1: in this process).
         n_boot: bootstrap resamples for the CIs; seed: their seed.
+        ignore: the reference value of unlabelled voxels, left out of every metric; None: the ignore label of a
+            ``dataset.json`` beside the references, if it declares one.
 
     Returns:
         An :class:`Evaluation` (nothing is written; see :func:`write_evaluation`).
@@ -258,6 +285,8 @@ def evaluate_folder(
     if missing:
         log.warning("%d reference case(s) have no prediction and are not scored: %s", len(missing),
                     ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if ignore is None and (ignore := read_ignore_label(ref_dir)) is not None:
+        log.info("ignore label %d from dataset.json: reference voxels holding it are not scored", ignore)
     names: dict[int, str] = {}
     if isinstance(labels, Mapping):
         names = {int(k): str(v) for k, v in labels.items()}
@@ -266,11 +295,14 @@ def evaluate_folder(
         label_list = sorted(int(v) for v in labels)
     else:
         found = read_label_names(ref_dir)
-        label_list = sorted(k for k in found if k != 0) if found else None
+        label_list = sorted(k for k in found if k != 0 and k != ignore) if found else None
         names = found or {}
         if label_list is not None:
             log.info("classes from dataset.json: %s", ", ".join(f"{k}={names[k]}" for k in label_list))
-    jobs = [(c, p, r, label_list, nsd_tolerance_mm) for c, (p, r) in pairs.items()]
+    if label_list is not None and ignore in label_list:
+        raise InputError(ref_dir, f"the ignore label {ignore} is among the classes to score", "classes other than "
+                         "the ignore label (it marks unlabelled voxels)")
+    jobs = [(c, p, r, label_list, nsd_tolerance_mm, ignore) for c, (p, r) in pairs.items()]
     per_case: dict[str, dict[int, dict[str, float]]] = {}
     dims = 3
     if workers > 1 and len(jobs) > 1:
@@ -295,7 +327,7 @@ def evaluate_folder(
     label_names = {k: names.get(k, str(k)) for k in label_list}
     summary = summarize_metrics(per_case, label_names=label_names, n_boot=n_boot, seed=seed)
     summary.update(version=1, pred_dir=str(pred_dir), ref_dir=str(ref_dir), nsd_tolerance_mm=nsd_tolerance_mm,
-                   missing_predictions=missing, spatial_dims=dims,
+                   missing_predictions=missing, spatial_dims=dims, ignore_label=ignore,
                    edge_cases="see medseg.metrics: NaN = undefined (left out, n_nan), inf = one mask empty (n_inf)")
     return Evaluation(per_case, label_names, summary, pairs, missing)
 

@@ -297,19 +297,21 @@ def postprocess(label: np.ndarray, setting: PostprocessSetting | dict | None,
 
 
 # --------------------------------------------------------------------------------------------- choosing it
-def _dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+def _dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int],
+                    ignore: int | None = None) -> dict[int, float]:
     out = {}
+    labelled = True if ignore is None else ref != ignore
     for c in classes:
-        p, r = pred == c, ref == c
+        p, r = (pred == c) & labelled, ref == c
         denom = int(p.sum()) + int(r.sum())
         out[c] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
     return out
 
 
-def _mean_dice(cases, setting: PostprocessSetting, classes) -> dict[int, float]:
+def _mean_dice(cases, setting: PostprocessSetting, classes, ignore: int | None = None) -> dict[int, float]:
     totals = dict.fromkeys(classes, 0.0)
     for pred, ref, spacing in cases:
-        d = _dice_per_class(postprocess(pred, setting, spacing), ref, classes)
+        d = _dice_per_class(postprocess(pred, setting, spacing), ref, classes, ignore)
         for c in classes:
             totals[c] += d[c]
     return {c: totals[c] / len(cases) for c in classes}
@@ -317,7 +319,8 @@ def _mean_dice(cases, setting: PostprocessSetting, classes) -> dict[int, float]:
 
 def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float] | None]],
                           classes: Sequence[int], *, try_fill_holes: bool = True,
-                          min_gain: float = 1e-4) -> tuple[PostprocessSetting, dict[str, Any]]:
+                          min_gain: float = 1e-4, ignore: int | None = None,
+                          ) -> tuple[PostprocessSetting, dict[str, Any]]:
     """Choose a setting on cross-validation predictions, greedily as nnU-Net does.
 
     A step is adopted only when it raises the mean Dice (over cases) by more than ``min_gain``: first
@@ -329,6 +332,8 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         classes: foreground class indices.
         try_fill_holes: also consider hole filling.
         min_gain: smallest improvement that counts.
+        ignore: the reference value of unlabelled voxels, left out of every Dice (the post-processing itself
+            still sees the whole prediction), or None.
 
     Returns:
         The chosen setting and a report ``{"dice_before": {...}, "dice_after": {...}, "steps": [...]}`` for
@@ -344,7 +349,7 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
             raise InputError(f"case {i}", f"prediction shape {p.shape} differs from reference {r.shape}")
     classes = [int(c) for c in classes]
     setting = PostprocessSetting()
-    base = _mean_dice(cases, setting, classes)
+    base = _mean_dice(cases, setting, classes, ignore)
     current = dict(base)
     steps: list[dict[str, Any]] = []
 
@@ -352,7 +357,7 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         return float(np.mean([d[c] for c in classes])) if classes else 0.0
 
     trial = PostprocessSetting(largest_foreground=True)
-    scores = _mean_dice(cases, trial, classes)
+    scores = _mean_dice(cases, trial, classes, ignore)
     adopted = mean(scores) > mean(current) + min_gain
     steps.append({"step": "largest_foreground", "before": mean(current), "after": mean(scores), "adopted": adopted})
     if adopted:
@@ -363,7 +368,7 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
             d = setting.to_dict()
             d[attr] = sorted(set(d[attr]) | {c})
             trial = PostprocessSetting.from_dict(d)
-            scores = _mean_dice(cases, trial, classes)
+            scores = _mean_dice(cases, trial, classes, ignore)
             adopted = scores[c] > current[c] + min_gain
             steps.append({"step": f"{name}:{c}", "before": current[c], "after": scores[c], "adopted": adopted})
             if adopted:

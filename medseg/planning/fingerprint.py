@@ -7,6 +7,10 @@ foreground's bounding box (the mirror-axis statistic) and the DICOM Modality tag
 (those dataset.json declares and those the files hold, sorted; class index ``k`` is ``label_values[k]``),
 per-channel foreground intensity statistics (mean, std, 0.5/99.5 percentiles), class frequencies per class index,
 and the modality of each channel from the manifest (dataset.json).
+
+Voxels holding the data set's ignore label (``Manifest.ignore_label``) are not a class: they are left out of
+the label counts and class frequencies, the foreground intensity samples and the mirror-axis centroids, and
+counted apart (``ignored_voxels``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def _class_offsets(seg: np.ndarray, values: np.ndarray) -> dict[int, list[float]
     return out
 
 
-def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any = None) -> dict[str, Any]:
+def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any = None,
+                     ignore_label: int | None = None) -> dict[str, Any]:
     """Fingerprint of one case.
 
     Args:
@@ -65,13 +70,16 @@ def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any =
         label: label file or None (intensity statistics then use the nonzero region).
         seed: seed of the voxel sampling.
         label_names: name mapping of a DICOM-SEG / RTSTRUCT label (the case's ``label_names``).
+        ignore_label: the value of unlabelled voxels, skipped by every label statistic (counted in
+            ``ignored_voxels``), or None.
 
     Returns:
         dict with ``spacing``, ``shape``, ``cropped_shape``, ``crop_fraction`` (nonzero box of all channels /
         image), ``channel_crop_fraction`` (the same per channel), ``fg_samples`` (foreground voxels per channel),
         ``image_range`` (whole-image 0.5/99.5 percentiles per channel), ``label_counts`` (``{value: voxels}``),
         ``class_offsets`` (``{value: [offset per axis]}``, see :func:`_class_offsets`), ``dicom_modality``
-        (the DICOM Modality tag of the first channel, or None), ``spatial_dims`` and ``channels``. Spatial
+        (the DICOM Modality tag of the first channel, or None), ``spatial_dims``, ``channels`` and
+        ``ignored_voxels``. Spatial
         quantities are in RAS-reoriented voxel axes.
 
     Raises:
@@ -90,6 +98,7 @@ def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any =
     size = max(1, int(np.prod(arr.shape[1:])))
     counts: dict[int, int] = {}
     offsets: dict[int, list[float]] = {}
+    ignored = 0
     if seg is not None:
         s, _, _ = to_ras(seg.array, seg.affine, image.spatial_dims)
         values, cnt = np.unique(s, return_counts=True)
@@ -97,8 +106,13 @@ def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any =
             raise InputError(label, f"holds the negative label value {int(values[0])}",
                              "non-negative integer label values")
         counts = {int(v): int(c) for v, c in zip(values, cnt)}
-        offsets = _class_offsets(s[0], values)
-        fg = s[0] > 0
+        labelled = s[0]
+        if ignore_label is not None:
+            ignored = counts.pop(int(ignore_label), 0)
+            labelled = np.where(labelled == ignore_label, 0, labelled)
+            values = values[values != ignore_label]
+        offsets = _class_offsets(labelled, values)
+        fg = labelled > 0
     else:
         fg = nonzero
     rng = np.random.default_rng(seed)
@@ -126,6 +140,7 @@ def case_fingerprint(images: list, label: Any, seed: int = 0, label_names: Any =
         "dicom_modality": str(tag).upper() if tag else None,
         "spatial_dims": int(image.spatial_dims),
         "channels": int(image.channels),
+        "ignored_voxels": int(ignored),
     }
 
 
@@ -151,9 +166,11 @@ def fingerprint(manifest: Any, *, max_cases: int | None = None, seed: int = 0) -
         pick = np.linspace(0, len(cases) - 1, max_cases).round().astype(int)
         cases = [cases[i] for i in sorted(set(pick))]
     declared = {int(k): str(v) for k, v in manifest.labels.items()}
+    ignore = getattr(manifest, "ignore_label", None)
     per_case = []
     for i, case in enumerate(cases):
-        fp = case_fingerprint(case.images, case.label, seed=seed + i, label_names=getattr(case, "label_names", None))
+        fp = case_fingerprint(case.images, case.label, seed=seed + i, label_names=getattr(case, "label_names", None),
+                              ignore_label=ignore)
         if per_case and fp["spatial_dims"] != per_case[0]["spatial_dims"]:
             raise InputError(case.images[0], f"is {fp['spatial_dims']}D while earlier cases are "
                                              f"{per_case[0]['spatial_dims']}D", "one dimensionality per data set")
@@ -207,5 +224,7 @@ def fingerprint(manifest: Any, *, max_cases: int | None = None, seed: int = 0) -
         "class_offsets": [[fp["class_offsets"].get(v) for v in values[1:]] for fp in per_case],
         "intensity": intensity,
         "class_voxels": [int(v) for v in counts],
+        "ignore_value": None if ignore is None else int(ignore),
+        "ignored_voxels": int(sum(fp["ignored_voxels"] for fp in per_case)),
         "class_frequency": [float(v) / max(1.0, float(counts.sum())) for v in counts],
     }

@@ -465,6 +465,10 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
     labels = {k: names.get(v, f"label_{v}") for k, v in enumerate(values)}
     explain["labels"] = (f"{len(values)} classes for label values {values} (dataset.json and the values found in "
                          f"the label files); class k is written as label_values[k]")
+    ignore = fingerprint.get("ignore_value")
+    if ignore is not None:
+        explain["labels"] += (f"; value {int(ignore)} is the ignore label ({fingerprint.get('ignored_voxels', 0)} "
+                              "voxels): not a class, left out of the loss, patch sampling, statistics and metrics")
 
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     cropped = np.asarray(fingerprint["cropped_shapes"], dtype=float)
@@ -552,6 +556,7 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
         fingerprint=fp_summary,
         label_values=values,
         explain=explain,
+        ignore_value=None if ignore is None else int(ignore),
     )
 
 
@@ -575,6 +580,8 @@ def plan_hash(plan: Plan) -> str:
     }
     if list(plan.label_values) != list(range(plan.num_classes)):  # cached labels hold class indices of these values
         key["label_values"] = [int(v) for v in plan.label_values]
+    if plan.ignore_value is not None:  # cached labels hold the ignore index there
+        key["ignore_value"] = int(plan.ignore_value)
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -41,7 +41,8 @@ class ModelRecord:
         spatial_dims: dimensions of the data (3 for slice-wise 2D networks of 3D data).
         in_channels: image channels; channel_names: their modalities, in order.
         num_classes: network outputs; labels: ``{class index: name}``; label_values: the label value written
-            for each class index (the data's own values, e.g. 0/200/500/600).
+            for each class index (the data's own values, e.g. 0/200/500/600); ignore_value: the training data's
+            ignore label (not a class: predictions never hold it), or None.
         normalization: one entry per channel.
         folds: the trained folds that form the ensemble.
         postprocessing: the setting (``PostprocessSetting.to_dict()``) chosen on the out-of-fold predictions.
@@ -66,6 +67,7 @@ class ModelRecord:
     #: how a prediction goes back onto the input grid: "probabilities" (resampled, then the argmax there) or
     #: "label" (argmax in plan space, then nearest), the first release's way, kept for its run folders and packages
     restore: str = "probabilities"
+    ignore_value: int | None = None
 
     def __post_init__(self) -> None:
         if not self.label_values:
@@ -79,7 +81,8 @@ class ModelRecord:
         """A one-configuration :class:`Plan` (the trained one), for preprocessing."""
         return Plan(dataset=self.dataset, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
                     num_classes=self.num_classes, labels=dict(self.labels), normalization=list(self.normalization),
-                    configurations={self.configuration: self.config}, label_values=list(self.label_values))
+                    configurations={self.configuration: self.config}, label_values=list(self.label_values),
+                    ignore_value=self.ignore_value)
 
     @classmethod
     def from_plan(cls, plan: Plan, configuration: str, config: Configuration, *, folds: list[int],
@@ -91,7 +94,8 @@ class ModelRecord:
                    normalization=list(plan.normalization), folds=sorted(int(f) for f in folds),
                    postprocessing=dict(postprocessing or {}),
                    channel_names=[str(m) for m in plan.fingerprint.get("modalities", [])],
-                   label_values=list(plan.label_values), pipeline=pipeline, plan_hash=plan_hash)
+                   label_values=list(plan.label_values), pipeline=pipeline, plan_hash=plan_hash,
+                   ignore_value=plan.ignore_value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +109,7 @@ class ModelRecord:
             "num_classes": self.num_classes,
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "label_values": list(self.label_values),
+            **({} if self.ignore_value is None else {"ignore_value": int(self.ignore_value)}),
             "normalization": [n.to_dict() for n in self.normalization],
             "config": self.config.to_dict(),
             "folds": list(self.folds),
@@ -143,6 +148,7 @@ class ModelRecord:
                    in_channels=plan.in_channels, num_classes=plan.num_classes, labels=plan.labels,
                    normalization=plan.normalization, folds=sorted(folds), postprocessing=post,
                    channel_names=[str(n) for n in names], label_values=plan.label_values,
+                   ignore_value=plan.ignore_value,
                    pipeline=r.raw("pipeline", None),
                    plan_hash=r.raw("plan_hash", None), schema_version=version, restore=restore)
 

@@ -244,6 +244,9 @@ class Plan:
         fingerprint: the data set fingerprint's summary (informative; ``manifest_hash`` keys the cache).
         label_values: the label value in the data's files of each class index (``label_values[k]`` is written
             for class ``k``; e.g. ``[0, 200, 500, 600]``); default: the class indices themselves.
+        ignore_value: the label value of unlabelled voxels (dataset.json's ignore label), or None. Not a class:
+            the preprocessed cache holds it as class index :attr:`ignore_index` (= ``num_classes``), which the
+            losses, the patch sampler and validation leave out.
         explain: ``{choice: the fact that decided it}`` for ``medseg plan --explain``.
     """
 
@@ -260,10 +263,16 @@ class Plan:
     label_values: list[int] = field(default_factory=list)
     explain: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    ignore_value: int | None = None
 
     def __post_init__(self) -> None:
         if not self.label_values:
             self.label_values = list(range(self.num_classes))
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The class index of ignored voxels in preprocessed labels (``num_classes``), or None without one."""
+        return None if self.ignore_value is None else self.num_classes
 
     def configuration(self, name: str) -> Configuration:
         """The configuration ``name``.
@@ -294,6 +303,7 @@ class Plan:
             "normalization": [n.to_dict() for n in self.normalization],
             "configurations": {k: c.to_dict() for k, c in self.configurations.items()},
             "label_values": list(self.label_values),
+            **({} if self.ignore_value is None else {"ignore_value": int(self.ignore_value)}),
             "explain": dict(self.explain),
             "fingerprint": self.fingerprint,
         }
@@ -347,9 +357,12 @@ class Plan:
             fingerprint=dict(r.raw("fingerprint", {})),
             label_values=r.ints("label_values", []),
             explain={str(k): str(v) for k, v in dict(r.raw("explain", {})).items()},
+            ignore_value=r.int("ignore_value", None, minimum=1),
         )
         if len(plan.label_values) != plan.num_classes:
             raise r._bad("label_values", f"one label value per class ({plan.num_classes})")
+        if plan.ignore_value is not None and plan.ignore_value in plan.label_values:
+            raise r._bad("ignore_value", "a value that is not one of the label_values")
         if len(plan.normalization) != plan.in_channels:
             raise InputError(source, f"has {len(plan.normalization)} normalization entries for "
                              f"{plan.in_channels} channels", "one entry per channel")

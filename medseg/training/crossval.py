@@ -120,20 +120,21 @@ def summarize_crossval(per_case: dict[str, dict[int, dict[str, float]]], labels:
 
 
 def select_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]],
-                          classes: Sequence[int]) -> tuple[Any, dict[str, Any]]:
+                          classes: Sequence[int], ignore: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Choose connected-component post-processing on OOF predictions; keep it only if the mean Dice improves
     and no class gets worse (else the identity).
 
     Args:
         cases: ``(prediction, reference, spacing)`` per OOF case.
         classes: foreground classes.
+        ignore: the reference value of unlabelled voxels (left out of the Dice), or None.
 
     Returns:
         ``(setting, report)`` for ``postprocessing.json``.
     """
     from medseg.inference.postprocess import PostprocessSetting, choose_postprocessing
 
-    setting, report = choose_postprocessing(list(cases), classes)
+    setting, report = choose_postprocessing(list(cases), classes, ignore=ignore)
     before = {int(k): float(v) for k, v in report["dice_before"].items()}
     after = {int(k): float(v) for k, v in report["dice_after"].items()}
     mean_before = float(np.mean(list(before.values()))) if before else 0.0
@@ -273,14 +274,14 @@ def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume:
     for fold in folds:
         fold_cases: dict[str, dict[int, dict[str, float]]] = {}
         for cid, pred, ref, spacing in predict_out_of_fold(run, fold, device=device):
-            fold_cases[cid] = compute_metrics(pred, ref, spacing, labels)
+            fold_cases[cid] = compute_metrics(pred, ref, spacing, labels, ignore=run.plan.ignore_value)
             fold_of[cid] = fold
             pp_cases.append((pred, ref, spacing))
         _write_per_case(run.run_dir / f"fold_{fold}" / "per_case.csv", fold_cases, fold_of, labels)
         per_case.update(fold_cases)
     _write_per_case(run.run_dir / "per_case.csv", per_case, fold_of, labels)
     summary = summarize_crossval(per_case, labels, seed=pipeline.seed)
-    setting, report = select_postprocessing(pp_cases, sorted(labels))
+    setting, report = select_postprocessing(pp_cases, sorted(labels), ignore=run.plan.ignore_value)
     from medseg.inference.postprocess import save_postprocessing
 
     save_postprocessing(run.run_dir / "postprocessing.json", setting, report)  # the choice's evidence

@@ -398,7 +398,7 @@ def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Cal
     k = run.plan.num_classes
     counts = _class_counts(run.cache_dir, train_ids, k) if cfg.loss == "weighted_ce" else None
     loss = build_loss(cfg.loss, num_classes=k, class_counts=counts, deep_supervision=deep_sup,
-                      options=cfg.loss_options)
+                      options=cfg.loss_options, ignore_index=run.plan.ignore_index)
     val_cases = [] if rank != 0 else [
         ValCase(cid, np.load(run.cache_dir / f"{cid}.npy"), np.load(run.cache_dir / f"{cid}_seg.npy"))
         for cid in val_ids[: cfg.val_max_cases or None]]

@@ -72,17 +72,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> list[float]:
     """Dice of each foreground class (NaN where both prediction and reference are empty).
 
+    Reference voxels holding the ignore index (``num_classes``: the plan's ``ignore_index``, unlabelled) are left
+    out.
+
     Args:
         pred: integer label map.
-        ref: integer label map of the same shape.
+        ref: integer label map of the same shape (class indices, as in the preprocessed cache).
         num_classes: K (background included).
 
     Returns:
         ``K - 1`` floats.
     """
     out = []
+    labelled = ref != num_classes
     for c in range(1, num_classes):
-        p, r = pred == c, ref == c
+        p, r = (pred == c) & labelled, ref == c
         denom = int(p.sum()) + int(r.sum())
         out.append(float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom)
     return out

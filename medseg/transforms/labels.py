@@ -5,6 +5,10 @@ file value of each class index (``label_values[k]`` is class ``k``), so the netw
 never one per integer. Preprocessing encodes file values into class indices (:func:`encode_labels`); every output
 on the input's grid (predicted masks, out-of-fold predictions, DICOM-SEG segments) decodes class indices back into
 file values (:func:`decode_labels`) in a dtype that holds the largest value (:func:`label_dtype`).
+
+An ignore label (the plan's ``ignore_value``, unlabelled voxels) is not a class: it is encoded as the class index
+``len(label_values)`` (one past the last class, nnU-Net v2's convention), which the losses, the patch sampler and
+validation leave out, and which no prediction holds.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ def label_dtype(label_values: Sequence[int]) -> np.dtype:
     return np.dtype(np.int16 if lo >= -32768 and hi <= 32767 else np.int32)
 
 
-def encode_labels(label: np.ndarray, label_values: Sequence[int], source: str | Path | None = None) -> np.ndarray:
+def encode_labels(label: np.ndarray, label_values: Sequence[int], source: str | Path | None = None,
+                  ignore_value: int | None = None) -> np.ndarray:
     """File values -> class indices (int16), through ``label_values``.
 
     Args:
         label: integer label map (any shape).
         label_values: the file value of each class index (the plan's ``label_values``).
         source: the label file, named in the error.
+        ignore_value: the file value of unlabelled voxels (the plan's ``ignore_value``), encoded as the index
+            ``len(label_values)``; None = none.
 
     Returns:
         int16 array of class indices, same shape.
@@ -53,7 +60,7 @@ def encode_labels(label: np.ndarray, label_values: Sequence[int], source: str | 
     Raises:
         InputError: a value of the file is not in ``label_values`` (names the file, the values found, the allowed).
     """
-    values = [int(v) for v in label_values]
+    values = [int(v) for v in label_values] + ([] if ignore_value is None else [int(ignore_value)])
     found = np.unique(label)
     unknown = [int(v) for v in found if int(v) not in values]
     if unknown:

@@ -222,7 +222,8 @@ def preprocess_volume(
     arr, affine, ornt = to_ras(np.asarray(image.array, dtype=np.float32), image.affine, image.spatial_dims)
     seg = None
     if label is not None:
-        classes = encode_labels(np.asarray(label.array), plan.label_values, label.meta.get("source"))
+        classes = encode_labels(np.asarray(label.array), plan.label_values, label.meta.get("source"),
+                                ignore_value=plan.ignore_value)
         seg, _, _ = to_ras(classes, label.affine, image.spatial_dims)
     spacing = np.linalg.norm(affine[:3, : image.spatial_dims], axis=0)
     # an "acquisition" frame plan (cases of one data set stored in different orientations): this case's axes are
