@@ -430,6 +430,8 @@ class Suite:
         results_ok = why is None and any((self.nnunet_root / "results").rglob("checkpoint_final.pth"))
         if why is None and not results_ok:
             why = "skipped: no nnU-Net results folder (the training section's nnU-Net row writes it)"
+        if why is None and self.quick:
+            why = "skipped: --quick runs medseg's row only"
         if why is not None:
             self.add("end_to_end", "nnUNetv2_predict", why)
         a = SimpleNamespace(medseg_run=self.model, data=self.a.data, nnunet_python=str(self.nnunet or "/nonexistent"),
