@@ -45,7 +45,7 @@ gpu-suite-quick: install
 # nnU-Net v2 in its own venv, for the suite's and benchmarks' nnU-Net rows
 nnunet-venv:
 	test -x .venv-nnunet/bin/python || $(PYTHON) -m venv .venv-nnunet
-	.venv-nnunet/bin/python -m pip install -q -r requirements-nnunet.txt
+	.venv-nnunet/bin/python -m pip install -q $(CONSTRAINTS) -r requirements-nnunet.txt
 
 demo: install
 	bash scripts/demo.sh $(MEDSEG) $(DEMO_DIR)

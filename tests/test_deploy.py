@@ -229,7 +229,6 @@ def test_package_predicts_the_same_masks_as_the_run(run, package, homes, tmp_pat
             assert np.array_equal(outs[key][case], mask), (key, case)
 
 
-@pytest.mark.slow
 def test_int8_package_stays_within_dice_of_fp32(run, homes, tmp_path):
     import onnx
 
@@ -402,9 +401,10 @@ def test_tiny_table_covers_every_registered_network():
     assert set(TINY) == set(list_models())
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n == "swin_unetr" else [])
                                   for n in sorted(TINY)])
-def test_every_registered_network_exports_or_says_why(name, tmp_path):
+def test_every_registered_network_exports_or_says_why(name, fmt, tmp_path):
     from medseg.deploy.export import ExportError, export_network
     from medseg.networks import create_model
 
@@ -413,14 +413,15 @@ def test_every_registered_network_exports_or_says_why(name, tmp_path):
     dims, kwargs, edge = TINY[name]
     torch.manual_seed(0)
     net = create_model(name, spatial_dims=dims, in_channels=1, out_channels=2, **kwargs).eval()
+    out = tmp_path / ("net.onnx" if fmt == "onnx" else "net.pt")
     try:
-        res = export_network(net, tmp_path / "net.onnx", "onnx", (edge,) * dims, 1, batch_size=1)
+        res = export_network(net, out, fmt, (edge,) * dims, 1, batch_size=1)
     except ExportError as exc:
         assert name not in MUST_EXPORT, str(exc)
-        assert "cannot be exported to onnx: " in str(exc) and len(str(exc).split(": ", 1)[1]) > 10
-        assert not (tmp_path / "net.onnx").exists()
+        assert f"cannot be exported to {fmt}: " in str(exc) and len(str(exc).split(": ", 1)[1]) > 10
+        assert not out.exists()
         return
-    assert res.max_abs_diff <= 1e-4 and (tmp_path / "net.onnx").is_file()
+    assert res.max_abs_diff <= 1e-4 and out.is_file()
     assert res.dynamic_spatial or res.note  # fixed spatial axes always come with the reason
 
 

@@ -32,6 +32,10 @@ __all__ = ["ValCase", "FoldResult", "Trainer", "dice_per_class", "rng_state", "s
 
 logger = logging.getLogger(__name__)
 
+# Epoch-counted checkpointing (long GPU schedules without a budget) still writes checkpoint_latest.pt at least this
+# often, so a preempted job loses minutes, not the several epochs between two counted checkpoints.
+CHECKPOINT_MAX_MINUTES = 5.0
+
 
 @dataclass
 class ValCase:
@@ -275,9 +279,10 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, float, bool]:
         """One epoch; returns ``(mean loss, last learning rate, budget reached)``.
 
-        The learning rate follows the progress at every step. With a time budget (single process), the epoch ends
-        early when the budget, less the time the last validation took, is spent, or when a time-based validation
-        is due, so an epoch is never longer than the validation interval.
+        The learning rate follows the progress at every step. With a time budget, the epoch ends early when the
+        budget, less the time the last validation took, is spent, or when a time-based validation is due, so an
+        epoch is never longer than the validation interval. Under DDP rank 0's clock decides, broadcast at every
+        step (one scalar pair beside the gradients' all-reduce), so every rank takes the same steps.
         """
         self.model.train()
         total, n = 0.0, 0
@@ -289,12 +294,16 @@ class Trainer:
         reached = False
         for step, batch in enumerate(self.train_batches(epoch)):
             now = self.elapsed_s + (time.perf_counter() - t0)
-            if step and not self.distributed:  # DDP ranks must take the same steps: they stop at epoch ends
-                if budget is not None and now + self._val_reserve_s >= budget:
-                    reached = True
-                    break
-                if self._due(cfg.val_every_minutes, self._last_val_at, now):
-                    break
+            stop = 0.0  # 1: the budget is spent, 2: a validation is due (never before the epoch's first step)
+            if step and budget is not None and now + self._val_reserve_s >= budget:
+                stop = 1.0
+            elif step and self._due(cfg.val_every_minutes, self._last_val_at, now):
+                stop = 2.0
+            if self.distributed:  # DDP ranks take the same steps at the same learning rate: rank 0's clock decides
+                stop, now = self._sync([stop, now])
+            if stop:
+                reached = stop == 1.0
+                break
             p = (epoch + step / per_epoch) / cfg.epochs
             if budget is not None:
                 p = max(p, now / budget)
@@ -386,7 +395,9 @@ class Trainer:
                 _log_scalars(writer, row)
                 self.finished = bool(final or stop)
                 ckpt_due = (self._due(cfg.checkpoint_every_minutes, self._last_ckpt_at, self.elapsed_s)
-                            if cfg.checkpoint_every_minutes is not None else (epoch + 1) % cfg.checkpoint_every == 0)
+                            if cfg.checkpoint_every_minutes is not None else
+                            (epoch + 1) % cfg.checkpoint_every == 0
+                            or self._due(CHECKPOINT_MAX_MINUTES, self._last_ckpt_at, self.elapsed_s))
                 if ckpt_due or final or stop:
                     self._last_ckpt_at = self.elapsed_s
                     save_checkpoint(latest, self._checkpoint())
