@@ -280,6 +280,7 @@ def test_region_prediction_paints_nested_regions_with_one_probability_per_region
     from medseg.transforms.regions import paint_regions
 
     image, _, affine = nested_case(50)
+    image[:, :3] = 0  # outside the image's nonzero crop: background, every region probability 0
     (tmp_path / "in").mkdir()
     for c in range(2):
         write_volume(_volume(image[c], affine), tmp_path / "in" / f"new_{c:04d}.nii.gz")
@@ -292,7 +293,8 @@ def test_region_prediction_paints_nested_regions_with_one_probability_per_region
     p = np.asarray(prob.array, dtype=np.float32)
     assert p.min() >= 0 and p.max() <= 1
     lab = np.asarray(label.array[0])
-    assert set(np.unique(lab)) <= {0, 1, 2, 3}
+    assert set(np.unique(lab)) <= {0, 1, 2, 3} and len(np.unique(lab)) > 1
+    assert not lab[:3].any() and not p[:, :3].any()
     # the label is the probabilities painted in regions_class_order (later regions overwrite earlier ones) ...
     painted = paint_regions(torch.from_numpy(p), ORDER).numpy()
     assert np.array_equal(painted, lab)
@@ -333,3 +335,26 @@ def test_multilabel_volume_without_regions_has_one_channel_per_foreground_class(
     out = multilabel_volume(Volume(lab[None], affine, 3), (), [0, 200, 500])
     assert out.array.shape == (2, 5, 4, 3) and out.array.dtype == np.uint8
     assert out.array[0].sum() == 1 and out.array[1][2, 2, 2] == 1 and np.array_equal(out.affine, affine)
+
+
+def test_post_processing_is_chosen_and_applied_per_region():
+    from medseg.inference.postprocess import PostprocessSetting, choose_postprocessing, postprocess
+
+    ref = np.zeros((20, 20, 10), np.uint8)
+    ref[4:12, 4:12, 2:8] = 1
+    ref[6:10, 6:10, 3:7] = 2
+    ref[7:9, 7:9, 4:6] = 3
+    pred = ref.copy()
+    pred[4, 4, 2] = 3  # a stray enhancing voxel in the edema, apart from the core (so also a stray core piece)
+    setting = PostprocessSetting(largest_per_region=(3,))
+    out = postprocess(pred, setting, regions=REGIONS)
+    want = ref.copy()
+    want[4, 4, 2] = 0  # the region's voxels outside its largest component become background (nnU-Net's rule)
+    assert np.array_equal(out, want)
+    assert PostprocessSetting.from_dict(setting.to_dict()) == setting
+    assert "largest_per_region" not in PostprocessSetting().to_dict()  # settings without regions keep their form
+    chosen, report = choose_postprocessing([(pred, ref, None)], [1, 2, 3], regions=REGIONS)
+    assert chosen == PostprocessSetting(largest_per_region=(2,))  # the whole tumour is one piece: only the core
+    assert report["dice_after"]["2"] == 1.0 > report["dice_before"]["2"]
+    with pytest.raises(ConfigError, match="regions 1..3"):
+        postprocess(pred, PostprocessSetting(largest_per_region=(4,)), regions=REGIONS)
