@@ -218,6 +218,13 @@ def test_evaluate_regions_equals_scoring_the_unions_by_hand(tmp_path):
             assert {m: float(row[m]) for m in want} == pytest.approx(want, rel=1e-9, nan_ok=True)
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert [r["name"] for r in summary["regions"]] == ["whole", "core", "enhancing"]
+    # a region dataset.json beside the references (here: their parent folder) is used without --regions
+    from medseg.evaluation import evaluate_folder
+
+    auto = evaluate_folder(tmp_path / "pred", tmp_path / "ref", n_boot=20)
+    assert auto.label_names == {1: "whole", 2: "core", 3: "enhancing"}
+    for row in rows:
+        assert auto.per_case[row["case"]][int(row["label"])]["dice"] == pytest.approx(float(row["dice"]))
     # the nnU-Net "labels_as_regions_for_evaluation" form (the shared BraTS set's) gives the same regions
     alt = tmp_path / "alt.json"
     alt.write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "c": 3},
