@@ -15,6 +15,11 @@ only (:class:`MaskedOverlapLoss`). What holds exactly (``tests/test_ignore_label
 ignored voxels changes neither the loss nor its gradient at the other logits (bitwise), and the gradient at ignored
 voxels is zero; a batch without a labelled voxel gives loss 0 and zero gradient, never NaN. Deep supervision
 downsamples the target by nearest neighbour, so lower levels keep the ignore index.
+
+**Regions.** With ``build_loss(..., regions=...)`` (the plan's :meth:`~medseg.planning.Plan.region_classes`) the
+network has one sigmoid output per region and the loss is :class:`RegionLoss`: binary cross-entropy plus batch
+Dice over the regions, against region masks made from the integer target on the fly
+(:func:`medseg.transforms.regions.regions_onehot`); ignored voxels are left out exactly as above.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ __all__ = [
     "CrossEntropyLoss",
     "DeepSupervisionLoss",
     "MaskedOverlapLoss",
+    "RegionLoss",
+    "REGION_LOSSES",
     "split_ignore",
     "deep_supervision_weights",
 ]
@@ -51,6 +58,10 @@ LOSSES = ("ce", "weighted_ce", "dice", "dice_ce", "focal", "dice_focal", "tversk
 
 #: Loss names that support an ignore label (``build_loss(..., ignore_index=K)``).
 IGNORE_LOSSES = ("ce", "weighted_ce", "dice", "dice_ce", "iou", "tversky")
+
+
+#: Loss names accepted with regions (each means BCE + Dice per region, :class:`RegionLoss`).
+REGION_LOSSES = ("dice_ce",)
 
 
 def split_ignore(target: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,6 +140,49 @@ class MaskedOverlapLoss(nn.Module):
             prob = torch.where(valid, prob, 0.0)
             onehot = torch.where(valid, onehot, 0.0)
         return self.overlap(prob, onehot)
+
+
+class RegionLoss(nn.Module):
+    """Binary cross-entropy + Dice per region, on sigmoid outputs (nnU-Net v2's region loss).
+
+    The BCE is the mean over labelled voxels and regions; the Dice is MONAI's batch Dice over all regions (no
+    background channel) on sigmoid probabilities and region masks that are zero at ignored voxels.
+
+    Args:
+        region_classes: the class indices of each region (the plan's ``region_classes()``).
+        ignore_index: target value of unlabelled voxels, or None.
+        lambda_bce: weight of the BCE term; lambda_dice: weight of the Dice term.
+        **dice_options: keyword arguments of :class:`monai.losses.DiceLoss` (``smooth_nr``, ``smooth_dr``, ...).
+    """
+
+    def __init__(self, region_classes: Sequence[Sequence[int]], ignore_index: int | None = None, *,
+                 lambda_bce: float = 1.0, lambda_dice: float = 1.0, **dice_options):
+        from monai.losses import DiceLoss
+
+        super().__init__()
+        self.region_classes = [tuple(int(c) for c in r) for r in region_classes]
+        self.ignore_index = ignore_index
+        self.lambda_bce, self.lambda_dice = float(lambda_bce), float(lambda_dice)
+        self.dice = DiceLoss(include_background=True, to_onehot_y=False, sigmoid=False, batch=True, **dice_options)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of region logits (B, R, *s) against integer targets (B, 1, *s)."""
+        from medseg.transforms.regions import regions_onehot
+
+        if logits.shape[1] != len(self.region_classes):
+            raise ValueError(f"{logits.shape[1]} output channels for {len(self.region_classes)} regions")
+        logits = logits.float()
+        onehot = regions_onehot(target, self.region_classes)
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+        prob = torch.sigmoid(logits)
+        _, valid = split_ignore(target, self.ignore_index)
+        if valid is None:
+            bce_mean = bce.mean()
+        else:  # where, not a product: exact zeros (and zero gradient) at ignored voxels whatever the logits there
+            bce = torch.where(valid, bce, 0.0)
+            prob, onehot = torch.where(valid, prob, 0.0), torch.where(valid, onehot, 0.0)
+            bce_mean = bce.sum() / (valid.sum() * logits.shape[1]).clamp_min(1)
+        return self.lambda_bce * bce_mean + self.lambda_dice * self.dice(prob, onehot)
 
 
 class _WeightedSum(nn.Module):
@@ -283,6 +337,7 @@ def build_loss(
     deep_supervision: bool = False,
     options: dict | None = None,
     ignore_index: int | None = None,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> nn.Module:
     """Create a loss by name.
 
@@ -297,13 +352,15 @@ def build_loss(
             ``{"gamma": 2.0}`` for focal, ``{"w0": 10, "sigma": 5}`` for ``border_ce``).
         ignore_index: target value of unlabelled voxels (the plan's ``ignore_index``), which then take no part in
             the loss (see the module docstring); one of :data:`IGNORE_LOSSES` is required then.
+        regions: the class indices of each region, for a network with one sigmoid output per region: the loss
+            is then :class:`RegionLoss` (BCE + Dice per region); ``name`` must be one of :data:`REGION_LOSSES`.
 
     Returns:
         an ``nn.Module`` called as ``loss(logits_or_list, target)``.
 
     Raises:
-        ConfigError: unknown name, ``weighted_ce`` without ``class_counts``, or an ignore label with a loss that
-            does not support one.
+        ConfigError: unknown name, ``weighted_ce`` without ``class_counts``, an ignore label with a loss that
+            does not support one, or regions with a loss other than :data:`REGION_LOSSES`.
     """
     from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss, TverskyLoss
 
@@ -313,9 +370,13 @@ def build_loss(
         raise ConfigError("num_classes", num_classes, "at least 2 (background and one class)")
     if ignore_index is not None and name not in IGNORE_LOSSES:
         raise ConfigError("train.loss", name, "with an ignore label in the data, one of " + ", ".join(IGNORE_LOSSES))
+    if regions and name not in REGION_LOSSES:
+        raise ConfigError("train.loss", name, "with regions, dice_ce (BCE + Dice per region)")
     loss: nn.Module
     try:
-        if ignore_index is not None:
+        if regions:
+            loss = RegionLoss(regions, ignore_index, **opts)
+        elif ignore_index is not None:
             loss = _ignore_loss(name, opts, ignore_index, class_counts)
         elif name == "ce":
             loss = CrossEntropyLoss(**opts)

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
     "compute_metrics",
+    "compute_region_metrics",
     "binary_metrics",
     "surface_distances",
     "metric_names",
@@ -227,6 +229,25 @@ def binary_metrics(
     return out
 
 
+def _label_pair(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Two label maps as spatial integer arrays of one shape (a leading channel of one dropped; float maps
+    rounded), checked against the dimensionality ``len(spacing)``."""
+    pred = np.asarray(pred)
+    ref = np.asarray(ref)
+    nd = len(spacing)
+    if nd not in (2, 3):
+        raise ValueError(f"spacing must have 2 or 3 values, got {tuple(spacing)}")
+    if pred.ndim == nd + 1 and pred.shape[0] == 1:
+        pred = pred[0]
+    if ref.ndim == nd + 1 and ref.shape[0] == 1:
+        ref = ref[0]
+    if pred.shape != ref.shape or pred.ndim != nd:
+        raise ValueError(f"pred {pred.shape} and ref {ref.shape} must have the same {nd}D shape")
+    if np.issubdtype(pred.dtype, np.floating) or np.issubdtype(ref.dtype, np.floating):
+        pred, ref = np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64)
+    return pred, ref
+
+
 def compute_metrics(
     pred: np.ndarray,
     ref: np.ndarray,
@@ -256,19 +277,7 @@ def compute_metrics(
     Raises:
         ValueError: shapes differ, the spacing does not match the dimensionality, or no labels are given.
     """
-    pred = np.asarray(pred)
-    ref = np.asarray(ref)
-    nd = len(spacing)
-    if nd not in (2, 3):
-        raise ValueError(f"spacing must have 2 or 3 values, got {tuple(spacing)}")
-    if pred.ndim == nd + 1 and pred.shape[0] == 1:
-        pred = pred[0]
-    if ref.ndim == nd + 1 and ref.shape[0] == 1:
-        ref = ref[0]
-    if pred.shape != ref.shape or pred.ndim != nd:
-        raise ValueError(f"pred {pred.shape} and ref {ref.shape} must have the same {nd}D shape")
-    if np.issubdtype(pred.dtype, np.floating) or np.issubdtype(ref.dtype, np.floating):
-        pred, ref = np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64)
+    pred, ref = _label_pair(pred, ref, spacing)
     keys = [int(k) for k in (labels.keys() if isinstance(labels, Mapping) else labels)]
     if not keys:
         raise ValueError("labels is empty; expected at least one class value")
@@ -277,3 +286,42 @@ def compute_metrics(
         k: binary_metrics(pred == k, ref == k, spacing, nsd_tolerance_mm=nsd_tolerance_mm, valid=valid)
         for k in keys if k != ignore
     }
+
+
+def compute_region_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    regions: Sequence[Sequence[int]] | Sequence[Any],
+    *,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    ignore: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """Metrics of every region (the union of its label values) of a label map against its reference.
+
+    Region ``i`` (numbered from 1) is scored as the binary masks ``isin(pred, values_i)`` and ``isin(ref, values_i)``
+    with :func:`binary_metrics`, so the result equals :func:`compute_metrics` of those masks as label 1.
+
+    Args:
+        pred: predicted label map (label values), spatial or ``(1, *spatial)``.
+        ref: reference label map of the same shape.
+        spacing: voxel size in mm per spatial axis.
+        regions: each region's label values (or :class:`medseg.data.regions.Region` objects).
+        nsd_tolerance_mm: tolerance of the normalised surface Dice in mm.
+        ignore: the reference value of unlabelled voxels, left out of every metric, or None.
+
+    Returns:
+        ``{region number: {metric: value}}``.
+
+    Raises:
+        ValueError: shapes differ, the spacing does not match the dimensionality, or no regions are given.
+    """
+    from medseg.data.regions import region_masks
+
+    pred, ref = _label_pair(pred, ref, spacing)
+    if not regions:
+        raise ValueError("regions is empty; expected at least one region")
+    valid = None if ignore is None else ref != int(ignore)
+    p_masks, r_masks = region_masks(pred, regions), region_masks(ref, regions)
+    return {i + 1: binary_metrics(p, r, spacing, nsd_tolerance_mm=nsd_tolerance_mm, valid=valid)
+            for i, (p, r) in enumerate(zip(p_masks, r_masks))}

@@ -46,3 +46,27 @@ def tiny_net(seed: int = 0):
     net = create_model("unet", spatial_dims=3, in_channels=1, out_channels=3, features=[4, 8], strides=[1, 2],
                        deep_supervision=False)
     return net, model_spec(net)
+
+
+def loss_and_grad(loss, logits, target):
+    """``(loss value, gradient at the logits)`` of one loss call (the ignore-label and region checks)."""
+    x = logits.clone().requires_grad_(True)
+    value = loss(x, target)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def check_ignored_logits_change_nothing(loss, logits, target, ignored):
+    """Set the logits at ignored voxels to wild values and assert, bitwise, that neither the loss nor its gradient
+    at the other logits changes and that the gradient at ignored voxels is zero; returns the changed logits (for
+    the caller's control, which must see a change)."""
+    m = ignored.expand_as(logits)
+    other = logits.clone()
+    other[m] = torch.randn(int(m.sum()), generator=torch.Generator().manual_seed(5)) * 1e3
+    v1, g1 = loss_and_grad(loss, logits, target)
+    v2, g2 = loss_and_grad(loss, other, target)
+    assert torch.isfinite(v1) and v1 > 0
+    assert torch.equal(v1, v2)
+    assert torch.equal(g1[~m], g2[~m])
+    assert torch.count_nonzero(g1[m]) == 0 and torch.count_nonzero(g2[m]) == 0
+    return other

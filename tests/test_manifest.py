@@ -79,12 +79,13 @@ def test_nnunet_v2_layout_multichannel(tmp_path):
     assert any(p.startswith(str(root / "labelsTr" / "x9.nii.gz")) and "unpaired label" in p for p in man.problems)
 
 
-def test_nnunet_region_labels_are_refused(tmp_path):
+def test_nnunet_region_labels_need_a_class_order(tmp_path):
+    """Region labels are read (tests/test_regions.py); without regions_class_order they are refused."""
     root = tmp_path / "ds"
     (root / "imagesTr").mkdir(parents=True)
     meta = {"channel_names": {"0": "T1"}, "labels": {"background": 0, "whole": [1, 2]}, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(InputError, match="region"):
+    with pytest.raises(InputError, match="regions_class_order"):
         load_manifest(root)
 
 

@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--ref", required=True, help="folder of reference label maps (same file names)")
     p.add_argument("--labels", nargs="+", type=_label_arg, metavar="INT[=NAME]",
                    help="classes to score (default: dataset.json beside --ref, else every nonzero value found)")
+    p.add_argument("--regions", metavar="DATASET_JSON",
+                   help="score regions instead of classes: the regions this dataset.json defines (labels given as "
+                        "lists of values, or labels_as_regions_for_evaluation); each region is the union of its "
+                        "values in prediction and reference (default: the regions of a dataset.json beside --ref)")
     p.add_argument("-o", "--out", help="output folder for per_case.csv and summary.json (default: --pred)")
     p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
                    help="tolerance of the normalised surface Dice in mm (default 1.0)")
@@ -51,12 +55,18 @@ def run(args) -> int:
         raise ConfigError("--workers", args.workers, "an integer >= 1")
     if args.bootstrap < 1:
         raise ConfigError("--bootstrap", args.bootstrap, "an integer >= 1")
-    labels = None
+    labels, regions = None, None
+    if args.regions:
+        from medseg.data.regions import read_regions
+
+        if args.labels:
+            raise ConfigError("--regions", args.regions, "either --labels or --regions, not both")
+        regions = read_regions(args.regions)
     if args.labels:
         labels = {v: (n or str(v)) for v, n in args.labels}
     result = evaluate_folder(args.pred, args.ref, labels, nsd_tolerance_mm=args.nsd_tolerance,
                              allow_missing=args.allow_missing, workers=args.workers, n_boot=args.bootstrap,
-                             seed=args.seed, ignore=args.ignore_label)
+                             seed=args.seed, ignore=args.ignore_label, regions=regions)
     csv_path, json_path = write_evaluation(result, args.out or args.pred)
     size = "volume" if result.summary.get("spatial_dims", 3) == 3 else "area"
     print(f"{len(result.per_case)} case(s); mean ± sd [95% CI of the mean] n=finite values; "

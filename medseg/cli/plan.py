@@ -48,6 +48,9 @@ def format_plan(plan: Plan) -> str:
         f"median spacing {_fmt(fp.get('median_spacing', []), '.3g')} mm, median shape "
         f"{_fmt(fp.get('median_shape', []), '.0f')}",
     ]
+    if plan.regions:
+        lines.insert(2, "regions       " + ", ".join(f"{r.name}={list(r.values)} (painted {r.paint})"
+                                                    for r in plan.regions) + ": one sigmoid output each")
     for c, n in enumerate(plan.normalization):
         extra = {"ct": f" clip [{(n.clip or [0, 0])[0]:.4g}, {(n.clip or [0, 0])[1]:.4g}] mean {n.mean:.4g} "
                        f"std {n.std:.4g}",

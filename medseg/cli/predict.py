@@ -43,9 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--uncertainty", action="store_true",
                    help="also write CASE_uncertainty.nii.gz (predictive entropy over mirrors and folds)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore the run's postprocessing.json")
-    p.add_argument("--output-format", default="nifti", choices=("nifti", "dicom-seg", "rtstruct"),
+    p.add_argument("--output-format", default="nifti", choices=("nifti", "nifti-multilabel", "dicom-seg", "rtstruct"),
                    help="mask format: dicom-seg (CASE.dcm) and rtstruct (CASE_rtstruct.dcm, contours) reference the "
-                        "source DICOM series, with segment/ROI names from the model's labels")
+                        "source DICOM series, with segment/ROI names from the model's labels; nifti-multilabel "
+                        "(CASE.nii.gz) is a 4D uint8 NIfTI with one channel per region (per foreground class "
+                        "without regions), for overlapping structures")
     p.add_argument("--strict-geometry", action="store_true",
                    help="fail gantry-tilted or unevenly spaced DICOM series (default: resample them onto a regular "
                         "grid with a warning; the mask then lies on that grid)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 FG_LOCATIONS_PER_CLASS = 2000
 
 
-def _class_locations(seg: np.ndarray, num_classes: int, seed: int) -> dict[str, list[list[int]]]:
+def _class_locations(seg: np.ndarray, classes: Sequence[int], seed: int) -> dict[str, list[list[int]]]:
     rng = np.random.default_rng(seed)
     out: dict[str, list[list[int]]] = {}
-    for c in range(1, num_classes):
+    for c in classes:
         idx = np.argwhere(seg[0] == c)
         if len(idx) > FG_LOCATIONS_PER_CLASS:
             idx = idx[np.sort(rng.choice(len(idx), FG_LOCATIONS_PER_CLASS, replace=False))]
@@ -64,7 +64,9 @@ def preprocess_case(case: Any, plan: Plan, config_name: str, out_dir: Path) -> s
     if seg is not None:
         with atomic_path(out_dir / f"{case.case_id}_seg.npy") as tmp:
             np.save(tmp, seg)
-        props["foreground"] = _class_locations(seg, plan.num_classes, zlib.crc32(case.case_id.encode()))
+        # the foreground classes (with regions: those of the regions' union); never the ignore index
+        classes = sorted({c for r in plan.region_classes() for c in r}) or range(1, plan.num_classes)
+        props["foreground"] = _class_locations(seg, classes, zlib.crc32(case.case_id.encode()))
     props["case_id"] = case.case_id
     props["has_label"] = seg is not None
     with atomic_path(out_dir / f"{case.case_id}.json") as tmp:

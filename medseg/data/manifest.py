@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.data.regions import Region, parse_regions, region_label_names
 from medseg.errors import InputError
 from medseg.io.registry import IMAGE_SUFFIXES, PLANAR_SUFFIXES, split_suffix
 
@@ -81,6 +82,9 @@ class Manifest:
             ``ignore``; nnU-Net v2's convention: the highest label value), or None. It is not a class: ``labels``
             does not list it, the network has no output for it, and those voxels take no part in the loss, the
             patch sampling, the planner's statistics or the metrics.
+        regions: the regions dataset.json declares (labels whose value is a list, with ``regions_class_order``;
+            :mod:`medseg.data.regions`), in order; empty for plain labels. ``labels`` then names the values the
+            regions use.
     """
 
     root: Path
@@ -94,6 +98,7 @@ class Manifest:
     dataset_json: Path | None = None
     declared: dict = field(default_factory=dict)
     ignore_label: int | None = None
+    regions: list[Region] = field(default_factory=list)
 
     def hash(self) -> str:
         """Stable SHA-256 of the case ids, patient ids and paths relative to ``root``.
@@ -400,6 +405,7 @@ def _from_dicom_folders(root: Path) -> tuple[Manifest, bool] | None:
 def _finish(built: tuple[Manifest, bool], regex: re.Pattern | None, layout: str) -> Manifest:
     man, has_patients = built
     man.layout = layout
+    man.regions = parse_regions(man.declared, man.dataset_json) or []
     _take_ignore_label(man)
     man.cases.sort(key=lambda c: c.case_id)
     if has_patients and all(c.patient_id for c in man.cases):
@@ -524,18 +530,21 @@ def _json_type(value: object) -> str:
 
 
 def _labels_and_channels(meta: dict, where: Path) -> tuple[dict[int, str], dict[int, str]]:
-    """MSD labels are ``{"0": "background"}``; nnU-Net v2 labels are ``{"background": 0}``."""
+    """MSD labels are ``{"0": "background"}``; nnU-Net v2 labels are ``{"background": 0}``; nnU-Net v2 regions
+    (a list of values per name) name the values they use (:func:`medseg.data.regions.region_label_names`)."""
     _check_declared_types(meta, where)
     labels: dict[int, str] = {}
-    for k, v in (meta.get("labels") or {}).items():
+    regions = parse_regions(meta, where)
+    entries = ({n: v for v, n in region_label_names(regions).items()} if regions is not None
+               else meta.get("labels") or {})
+    if regions is not None:  # a label named "ignore" next to the regions: the ignore label (_take_ignore_label)
+        entries.update({k: v for k, v in meta["labels"].items() if str(k).strip().lower() == "ignore"})
+    for k, v in entries.items():
         try:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if float(v) != int(v):
                     raise ValueError
                 value, name = int(v), str(k)
-            elif isinstance(v, list):
-                raise InputError(where, f"label {k!r} is a region {v} (nnU-Net region-based training)",
-                                 "one integer value per label name")
             elif isinstance(v, (dict, bool)) or v is None:
                 raise ValueError
             else:

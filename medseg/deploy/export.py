@@ -202,7 +202,7 @@ def load_fold_network(run: RunFolder, fold: int) -> nn.Module:
     ckpt = load_checkpoint(run.checkpoint(fold))
     record = run.record
     net = build_network(record.network.to_dict(), spatial_dims=record.config.network_dims,
-                        in_channels=record.in_channels, out_channels=record.num_classes)
+                        in_channels=record.in_channels, out_channels=record.out_channels)
     net.load_state_dict(ckpt["state_dict"])
     return net.eval()
 

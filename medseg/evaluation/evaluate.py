@@ -20,7 +20,7 @@ import numpy as np
 from medseg.errors import InputError
 from medseg.io.atomic import TMP_MARKER, atomic_path
 from medseg.io.registry import IMAGE_SUFFIXES, split_suffix
-from medseg.metrics import DEFAULT_NSD_TOLERANCE_MM, binary_metrics, compute_metrics
+from medseg.metrics import DEFAULT_NSD_TOLERANCE_MM, binary_metrics, compute_metrics, compute_region_metrics
 
 __all__ = [
     "Evaluation",
@@ -183,9 +183,17 @@ def read_label_names(ref_dir: str | Path) -> dict[int, str] | None:
         if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD: {"0": "background", ...}
             return {int(k): str(v) for k, v in labels.items()}
         return {int(v): str(k) for k, v in labels.items()}  # nnU-Net v2: {"background": 0, ...}
-    except (TypeError, ValueError):  # nnU-Net regions ({"name": [1, 2]}) are not plain labels
-        log.warning("%s: labels are regions, not plain class values; scoring the values found instead", found[0])
+    except (TypeError, ValueError):  # nnU-Net regions ({"name": [1, 2]}): read_dataset_regions
         return None
+
+
+def read_dataset_regions(ref_dir: str | Path) -> list | None:
+    """The regions of a ``dataset.json`` beside the references whose labels are regions
+    (:func:`medseg.data.regions.parse_regions`), else None."""
+    from medseg.data.regions import parse_regions
+
+    found = _dataset_json(ref_dir)
+    return parse_regions(found[1], found[0]) if found else None
 
 
 def read_ignore_label(ref_dir: str | Path) -> int | None:
@@ -205,6 +213,7 @@ def evaluate_pair(
     labels: Sequence[int] | None,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     ignore: int | None = None,
+    regions: Sequence[Any] | None = None,
 ) -> tuple[dict[int, dict[str, float]], int]:
     """Read one prediction/reference pair, check its geometry and compute the metrics.
 
@@ -213,6 +222,8 @@ def evaluate_pair(
         labels: classes to score; None: every nonzero value present in either file.
         nsd_tolerance_mm: NSD tolerance.
         ignore: the reference value of unlabelled voxels, left out of every metric (never a class), or None.
+        regions: score these regions (:class:`~medseg.data.regions.Region`; the union of each one's values)
+            instead of ``labels``; the keys are then region numbers from 1.
 
     Returns:
         ``({label: {metric: value}}, spatial_dims)``.
@@ -232,6 +243,9 @@ def evaluate_pair(
                 raise InputError(path, "holds non-integer values", "an integer label map (not probabilities)")
             a = a.astype(np.int64)
         arrays.append(a)
+    if regions:
+        return compute_region_metrics(arrays[0], arrays[1], ref.spacing, regions, nsd_tolerance_mm=nsd_tolerance_mm,
+                                      ignore=ignore), pred.spatial_dims
     if labels is None:
         labels = sorted(int(v) for v in np.union1d(np.unique(arrays[0]), np.unique(arrays[1]))
                         if v != 0 and v != ignore)
@@ -242,8 +256,8 @@ def evaluate_pair(
 
 
 def _evaluate_job(args: tuple) -> tuple[str, dict[int, dict[str, float]], int]:
-    case, pred_path, ref_path, labels, tol, ignore = args
-    res, dims = evaluate_pair(pred_path, ref_path, labels, tol, ignore)
+    case, pred_path, ref_path, labels, tol, ignore, regions = args
+    res, dims = evaluate_pair(pred_path, ref_path, labels, tol, ignore, regions)
     return case, res, dims
 
 
@@ -258,6 +272,7 @@ def evaluate_folder(
     n_boot: int = 2000,
     seed: int = 0,
     ignore: int | None = None,
+    regions: Sequence[Any] | None = None,
 ) -> Evaluation:
     """Score every prediction in ``pred_dir`` against its reference in ``ref_dir``.
 
@@ -272,6 +287,10 @@ def evaluate_folder(
         n_boot: bootstrap resamples for the CIs; seed: their seed.
         ignore: the reference value of unlabelled voxels, left out of every metric; None: the ignore label of a
             ``dataset.json`` beside the references, if it declares one.
+        regions: score regions (:class:`~medseg.data.regions.Region`, e.g. from
+            :func:`medseg.data.regions.read_regions`): region ``i`` is the union of its label values in both maps,
+            reported as class ``i`` (from 1) under its name. None with ``labels`` None: the regions of a
+            dataset.json beside the references whose labels are regions, if any.
 
     Returns:
         An :class:`Evaluation` (nothing is written; see :func:`write_evaluation`).
@@ -288,9 +307,16 @@ def evaluate_folder(
     if ignore is None and (ignore := read_ignore_label(ref_dir)) is not None:
         log.info("ignore label %d from dataset.json: reference voxels holding it are not scored", ignore)
     names: dict[int, str] = {}
-    if isinstance(labels, Mapping):
-        names = {int(k): str(v) for k, v in labels.items()}
+    if regions is None and labels is None and (regions := read_dataset_regions(ref_dir)):
+        log.info("regions from dataset.json: %s", ", ".join(f"{r.name}={list(r.values)}" for r in regions))
+    if regions:
+        if labels is not None:
+            raise InputError(ref_dir, "was given both labels and regions to score", "--labels or --regions")
+        names = {i + 1: r.name for i, r in enumerate(regions)}
         label_list: list[int] | None = sorted(names)
+    elif isinstance(labels, Mapping):
+        names = {int(k): str(v) for k, v in labels.items()}
+        label_list = sorted(names)
     elif labels is not None:
         label_list = sorted(int(v) for v in labels)
     else:
@@ -299,10 +325,10 @@ def evaluate_folder(
         names = found or {}
         if label_list is not None:
             log.info("classes from dataset.json: %s", ", ".join(f"{k}={names[k]}" for k in label_list))
-    if label_list is not None and ignore in label_list:
+    if label_list is not None and ignore in label_list and not regions:
         raise InputError(ref_dir, f"the ignore label {ignore} is among the classes to score", "classes other than "
                          "the ignore label (it marks unlabelled voxels)")
-    jobs = [(c, p, r, label_list, nsd_tolerance_mm, ignore) for c, (p, r) in pairs.items()]
+    jobs = [(c, p, r, label_list, nsd_tolerance_mm, ignore, list(regions or [])) for c, (p, r) in pairs.items()]
     per_case: dict[str, dict[int, dict[str, float]]] = {}
     dims = 3
     if workers > 1 and len(jobs) > 1:
@@ -328,6 +354,7 @@ def evaluate_folder(
     summary = summarize_metrics(per_case, label_names=label_names, n_boot=n_boot, seed=seed)
     summary.update(version=1, pred_dir=str(pred_dir), ref_dir=str(ref_dir), nsd_tolerance_mm=nsd_tolerance_mm,
                    missing_predictions=missing, spatial_dims=dims, ignore_label=ignore,
+                   **({"regions": [r.to_dict() for r in regions]} if regions else {}),
                    edge_cases="see medseg.metrics: NaN = undefined (left out, n_nan), inf = one mask empty (n_inf)")
     return Evaluation(per_case, label_names, summary, pairs, missing)
 

@@ -214,7 +214,9 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         predictor: a :class:`medseg.inference.Predictor` (anything with ``predict_full``).
         cases: from :func:`discover_inputs` / :func:`shard_cases`.
         out_dir: output folder (created).
-        output_format: ``"nifti"``, ``"dicom-seg"`` or ``"rtstruct"`` (the last two for DICOM inputs only).
+        output_format: ``"nifti"``, ``"nifti-multilabel"`` (4D, one channel per region or foreground class:
+            :func:`medseg.inference.regions.multilabel_volume`), ``"dicom-seg"`` or ``"rtstruct"`` (the last two
+            for DICOM inputs only).
         probabilities: also write ``CASE_probabilities.nii.gz`` (K channels, float32).
         uncertainty: also write ``CASE_uncertainty.nii.gz`` (predictive entropy, nats).
         overwrite: predict cases whose outputs already exist (default: skip them).
@@ -228,10 +230,11 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         ConfigError: an unknown output format.
         InputError: ``out_dir`` is an existing file or cannot be created.
     """
+    from medseg.inference.regions import MULTILABEL_FORMAT, multilabel_volume
     from medseg.io.nifti import write_nifti
 
-    if output_format != "nifti" and output_format not in DICOM_FORMATS:
-        raise ConfigError("--output-format", output_format, "'nifti', 'dicom-seg' or 'rtstruct'")
+    if output_format not in ("nifti", MULTILABEL_FORMAT) and output_format not in DICOM_FORMATS:
+        raise ConfigError("--output-format", output_format, "'nifti', 'nifti-multilabel', 'dicom-seg' or 'rtstruct'")
     out_dir = prepare_output(out_dir)
     remove_stale_temporaries(out_dir, _owned_names(cases))
     results = []
@@ -261,6 +264,10 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
                 if output_format in DICOM_FORMATS:
                     write_dicom_mask(output_format, pred.label, case.images[0], paths["mask"], predictor,
                                      series_uid=image.meta.get("series_uid"))
+                elif output_format == MULTILABEL_FORMAT:
+                    regions = getattr(getattr(predictor, "record", None), "regions", ())
+                    write_nifti(multilabel_volume(pred.label, regions, predictor.label_values), paths["mask"],
+                                dtype="uint8")
                 else:
                     write_nifti(pred.label, paths["mask"], dtype=pred.label.array.dtype)
                 res = CaseResult(case.case_id, "written", outputs=[p.name for p in paths.values()],

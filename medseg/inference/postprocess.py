@@ -6,7 +6,10 @@ Steps, applied in this order when enabled by a :class:`PostprocessSetting`:
 2. keep only the largest component of all foreground together (``largest_foreground``);
 3. keep only the largest component of each class in ``largest_per_class``;
 4. fill holes of the classes in ``fill_holes``: background regions enclosed by that class alone (not touching the
-   image border) take the class.
+   image border) take the class;
+5. with regions (:mod:`medseg.data.regions`), keep only the largest component of each region in
+   ``largest_per_region`` (numbered from 1 in the model's order): the region's voxels (its label values together)
+   outside that component become background. Cross-validation then chooses per region, judged by the region's Dice.
 
 Foreground components use full connectivity (26 in 3D, 8 in 2D); background regions (holes) the dual face
 connectivity (6 / 4), so that a hole never leaks through a diagonal gap.
@@ -55,6 +58,7 @@ class PostprocessSetting:
         min_size_voxels: remove components (of any class) with fewer voxels.
         min_size_mm3: remove components with a smaller volume in mm^3 (needs the voxel spacing).
         fill_holes: classes whose enclosed background holes are filled.
+        largest_per_region: regions (1 = the first region) reduced to their largest connected component.
     """
 
     largest_foreground: bool = False
@@ -62,16 +66,17 @@ class PostprocessSetting:
     min_size_voxels: int = 0
     min_size_mm3: float = 0.0
     fill_holes: tuple[int, ...] = field(default=())
+    largest_per_region: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "largest_per_class", tuple(sorted(int(c) for c in self.largest_per_class)))
-        object.__setattr__(self, "fill_holes", tuple(sorted(int(c) for c in self.fill_holes)))
+        for name in ("largest_per_class", "fill_holes", "largest_per_region"):
+            object.__setattr__(self, name, tuple(sorted(int(c) for c in getattr(self, name))))
         if self.min_size_voxels < 0 or self.min_size_mm3 < 0:
             raise ConfigError("postprocessing.min_size", (self.min_size_voxels, self.min_size_mm3),
                               "non-negative sizes")
-        if any(c <= 0 for c in (*self.largest_per_class, *self.fill_holes)):
-            raise ConfigError("postprocessing classes", (self.largest_per_class, self.fill_holes),
-                              "foreground class indices (>= 1)")
+        if any(c <= 0 for c in (*self.largest_per_class, *self.fill_holes, *self.largest_per_region)):
+            raise ConfigError("postprocessing classes", (self.largest_per_class, self.fill_holes,
+                                                         self.largest_per_region), "foreground classes or regions (>= 1)")
 
     @property
     def is_identity(self) -> bool:
@@ -83,6 +88,9 @@ class PostprocessSetting:
         d = asdict(self)
         d["largest_per_class"] = list(self.largest_per_class)
         d["fill_holes"] = list(self.fill_holes)
+        d["largest_per_region"] = list(self.largest_per_region)
+        if not self.largest_per_region:  # the form of settings without regions is unchanged
+            del d["largest_per_region"]
         return d
 
     @classmethod
@@ -262,19 +270,20 @@ def fill_holes(label: np.ndarray, classes: Iterable[int]) -> np.ndarray:
 
 
 def postprocess(label: np.ndarray, setting: PostprocessSetting | dict | None,
-                spacing: Sequence[float] | None = None) -> np.ndarray:
+                spacing: Sequence[float] | None = None, regions: Sequence[Any] = ()) -> np.ndarray:
     """Apply a post-processing setting to a label map.
 
     Args:
         label: integer label map, ``(1, *spatial)`` or ``(*spatial)``; not modified.
         setting: a :class:`PostprocessSetting`, its dict form, or None (identity).
         spacing: voxel size in mm per spatial axis; required when ``min_size_mm3`` is set.
+        regions: the model's regions (:class:`~medseg.data.regions.Region`), required by ``largest_per_region``.
 
     Returns:
         A new label map of the same shape and dtype.
 
     Raises:
-        ConfigError: an invalid setting, or ``min_size_mm3`` without ``spacing``.
+        ConfigError: an invalid setting, ``min_size_mm3`` without ``spacing``, or a region the model lacks.
     """
     if setting is None:
         return label.copy()
@@ -293,25 +302,34 @@ def postprocess(label: np.ndarray, setting: PostprocessSetting | dict | None,
         out = keep_largest_component(out, setting.largest_per_class, per_class=True)
     if setting.fill_holes:
         out = fill_holes(out, setting.fill_holes)
+    for r in setting.largest_per_region:
+        if r > len(regions):
+            raise ConfigError("postprocessing.largest_per_region", r, f"regions 1..{len(regions)} of the model")
+        out = keep_largest_component(out, regions[r - 1].values)
     return out.reshape(label.shape).astype(label.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------- choosing it
 def _dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int],
-                    ignore: int | None = None) -> dict[int, float]:
+                    ignore: int | None = None, regions: Sequence[Any] = ()) -> dict[int, float]:
+    """Dice per class value, or with ``regions`` per region number ``c`` (1-based) of the regions' masks."""
     out = {}
     labelled = True if ignore is None else ref != ignore
     for c in classes:
-        p, r = (pred == c) & labelled, ref == c
+        if regions:
+            p, r = np.isin(pred, regions[c - 1].values) & labelled, np.isin(ref, regions[c - 1].values)
+        else:
+            p, r = (pred == c) & labelled, ref == c
         denom = int(p.sum()) + int(r.sum())
         out[c] = 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
     return out
 
 
-def _mean_dice(cases, setting: PostprocessSetting, classes, ignore: int | None = None) -> dict[int, float]:
+def _mean_dice(cases, setting: PostprocessSetting, classes, ignore: int | None = None,
+               regions: Sequence[Any] = ()) -> dict[int, float]:
     totals = dict.fromkeys(classes, 0.0)
     for pred, ref, spacing in cases:
-        d = _dice_per_class(postprocess(pred, setting, spacing), ref, classes, ignore)
+        d = _dice_per_class(postprocess(pred, setting, spacing, regions), ref, classes, ignore, regions)
         for c in classes:
             totals[c] += d[c]
     return {c: totals[c] / len(cases) for c in classes}
@@ -319,7 +337,7 @@ def _mean_dice(cases, setting: PostprocessSetting, classes, ignore: int | None =
 
 def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float] | None]],
                           classes: Sequence[int], *, try_fill_holes: bool = True,
-                          min_gain: float = 1e-4, ignore: int | None = None,
+                          min_gain: float = 1e-4, ignore: int | None = None, regions: Sequence[Any] = (),
                           ) -> tuple[PostprocessSetting, dict[str, Any]]:
     """Choose a setting on cross-validation predictions, greedily as nnU-Net does.
 
@@ -334,6 +352,8 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         min_gain: smallest improvement that counts.
         ignore: the reference value of unlabelled voxels, left out of every Dice (the post-processing itself
             still sees the whole prediction), or None.
+        regions: the model's regions: ``classes`` are then region numbers (1-based), each judged by its region's
+            Dice, and the per-class steps are "largest component" per region (no hole filling).
 
     Returns:
         The chosen setting and a report ``{"dice_before": {...}, "dice_after": {...}, "steps": [...]}`` for
@@ -349,7 +369,7 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
             raise InputError(f"case {i}", f"prediction shape {p.shape} differs from reference {r.shape}")
     classes = [int(c) for c in classes]
     setting = PostprocessSetting()
-    base = _mean_dice(cases, setting, classes, ignore)
+    base = _mean_dice(cases, setting, classes, ignore, regions)
     current = dict(base)
     steps: list[dict[str, Any]] = []
 
@@ -357,18 +377,19 @@ def choose_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         return float(np.mean([d[c] for c in classes])) if classes else 0.0
 
     trial = PostprocessSetting(largest_foreground=True)
-    scores = _mean_dice(cases, trial, classes, ignore)
+    scores = _mean_dice(cases, trial, classes, ignore, regions)
     adopted = mean(scores) > mean(current) + min_gain
     steps.append({"step": "largest_foreground", "before": mean(current), "after": mean(scores), "adopted": adopted})
     if adopted:
         setting, current = trial, scores
     for c in classes:
-        kinds = [("largest_per_class", "largest_per_class")] + ([("fill_holes", "fill_holes")] if try_fill_holes else [])
+        kinds = ([("largest_per_region", "largest_per_region")] if regions else
+                 [("largest_per_class", "largest_per_class")] + ([("fill_holes", "fill_holes")] if try_fill_holes else []))
         for name, attr in kinds:
             d = setting.to_dict()
-            d[attr] = sorted(set(d[attr]) | {c})
+            d[attr] = sorted(set(d.get(attr, [])) | {c})
             trial = PostprocessSetting.from_dict(d)
-            scores = _mean_dice(cases, trial, classes, ignore)
+            scores = _mean_dice(cases, trial, classes, ignore, regions)
             adopted = scores[c] > current[c] + min_gain
             steps.append({"step": f"{name}:{c}", "before": current[c], "after": scores[c], "adopted": adopted})
             if adopted:

@@ -157,7 +157,7 @@ class Predictor:
         self.inferer = SlidingWindowInferer.for_network(
             self.networks[0], self.patch_size, slice_axis=self.config.slice_axis if self.config.slicewise else None,
             overlap=self.options.overlap, mirror_axes=self.mirror_axes, batch_size=self.batch_size,
-            device=self.device, amp_dtype=self.amp_dtype, activation="softmax")
+            device=self.device, amp_dtype=self.amp_dtype, activation="sigmoid" if record.regions else "softmax")
         self.valid_crop = self.inferer.valid_crop
         self._needs_compile = bool(self.options.compile)  # compiled at the first prediction
 
@@ -213,7 +213,7 @@ class Predictor:
             path = _checkpoint_path(present[f], opts.checkpoint)
             ckpt = load_checkpoint(path)
             net = build_network(record.network.to_dict(), spatial_dims=record.config.network_dims,
-                                in_channels=record.in_channels, out_channels=record.num_classes)
+                                in_channels=record.in_channels, out_channels=record.out_channels)
             try:
                 net.load_state_dict(ckpt["state_dict"])
             except RuntimeError as exc:
@@ -258,21 +258,28 @@ class Predictor:
 
         image, _, props = preprocess_volume(volume, self.plan, self.config_name)
         prob = self.predict_array(image)
-        if self.restore == "probabilities":
+        if self.record.regions:  # one sigmoid probability per region, painted in regions_class_order
+            from medseg.inference.regions import region_probabilities, restore_regions
+
+            classes = restore_regions(prob, props, self.record.regions, self.label_values, restore=self.restore)
+        elif self.restore == "probabilities":
             classes = restore_label(prob, props)
         else:
             classes = restore_original(argmax_label(prob).cpu().numpy(), props, is_label=True)
         label = decode_labels(classes, self.label_values)
         if self.options.postprocess and not self.postprocessing.is_identity:
-            label = postprocess(label, self.postprocessing, volume.spacing)
+            label = postprocess(label, self.postprocessing, volume.spacing, regions=self.record.regions)
         meta = {k: v for k, v in volume.meta.items() if k not in ("intent", "disk_dtype")}
         out = Prediction(Volume(label, volume.affine.copy(), volume.spatial_dims, {**meta, "kind": "label"}))
         if uncertainty:
-            ent = entropy(prob).cpu().numpy()
+            from medseg.inference.regions import region_entropy
+
+            ent = (region_entropy(prob) if self.record.regions else entropy(prob)).cpu().numpy()
             ent = restore_original(ent, props, is_label=False).astype(np.float32)
             out.uncertainty = Volume(ent, volume.affine.copy(), volume.spatial_dims, {**meta, "kind": "entropy"})
         if probabilities:
-            p = restore_original(prob.cpu().numpy(), props, is_label=False).astype(np.float32)
+            p = (region_probabilities(prob, props) if self.record.regions else
+                 restore_original(prob.cpu().numpy(), props, is_label=False).astype(np.float32))
             out.probabilities = Volume(p, volume.affine.copy(), volume.spatial_dims, {**meta, "kind": "probabilities"})
         return out
 

@@ -227,4 +227,5 @@ def fingerprint(manifest: Any, *, max_cases: int | None = None, seed: int = 0) -
         "ignore_value": None if ignore is None else int(ignore),
         "ignored_voxels": int(sum(fp["ignored_voxels"] for fp in per_case)),
         "class_frequency": [float(v) / max(1.0, float(counts.sum())) for v in counts],
+        **({"regions": [r.to_dict() for r in manifest.regions]} if getattr(manifest, "regions", None) else {}),
     }

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.data.regions import Region
 from medseg.errors import ConfigError, InputError
 from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Normalization, Plan
 from medseg.planning.topology import Topology, pool_and_conv_props
@@ -469,6 +470,10 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
     if ignore is not None:
         explain["labels"] += (f"; value {int(ignore)} is the ignore label ({fingerprint.get('ignored_voxels', 0)} "
                               "voxels): not a class, left out of the loss, patch sampling, statistics and metrics")
+    if fingerprint.get("regions"):
+        explain["regions"] = ("one sigmoid output per region (" + ", ".join(
+            f"{r['name']}={r['values']}" for r in fingerprint["regions"]) + "), trained with BCE + Dice per region; "
+            "predictions paint the regions in regions_class_order")
 
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     cropped = np.asarray(fingerprint["cropped_shapes"], dtype=float)
@@ -557,6 +562,7 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
         label_values=values,
         explain=explain,
         ignore_value=None if ignore is None else int(ignore),
+        regions=tuple(Region.from_dict(r) for r in fingerprint.get("regions") or []),
     )
 
 
@@ -582,6 +588,8 @@ def plan_hash(plan: Plan) -> str:
         key["label_values"] = [int(v) for v in plan.label_values]
     if plan.ignore_value is not None:  # cached labels hold the ignore index there
         key["ignore_value"] = int(plan.ignore_value)
+    if plan.regions:  # the cache's foreground locations are those of the regions' union
+        key["regions"] = [r.to_dict() for r in plan.regions]
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.data.regions import Region
 from medseg.errors import InputError
 from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Normalization, Plan, _Reader
 
@@ -42,7 +43,8 @@ class ModelRecord:
         in_channels: image channels; channel_names: their modalities, in order.
         num_classes: network outputs; labels: ``{class index: name}``; label_values: the label value written
             for each class index (the data's own values, e.g. 0/200/500/600); ignore_value: the training data's
-            ignore label (not a class: predictions never hold it), or None.
+            ignore label (not a class: predictions never hold it), or None; regions: the regions the network
+            has one sigmoid output each for (:class:`~medseg.data.regions.Region`), or empty.
         normalization: one entry per channel.
         folds: the trained folds that form the ensemble.
         postprocessing: the setting (``PostprocessSetting.to_dict()``) chosen on the out-of-fold predictions.
@@ -68,10 +70,17 @@ class ModelRecord:
     #: "label" (argmax in plan space, then nearest), the first release's way, kept for its run folders and packages
     restore: str = "probabilities"
     ignore_value: int | None = None
+    regions: tuple[Region, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.label_values:
             self.label_values = list(range(self.num_classes))
+        self.regions = tuple(self.regions)
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one per region with regions, else one per class."""
+        return len(self.regions) if self.regions else self.num_classes
 
     @property
     def network(self) -> NetworkSpec:
@@ -82,7 +91,7 @@ class ModelRecord:
         return Plan(dataset=self.dataset, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
                     num_classes=self.num_classes, labels=dict(self.labels), normalization=list(self.normalization),
                     configurations={self.configuration: self.config}, label_values=list(self.label_values),
-                    ignore_value=self.ignore_value)
+                    ignore_value=self.ignore_value, regions=self.regions)
 
     @classmethod
     def from_plan(cls, plan: Plan, configuration: str, config: Configuration, *, folds: list[int],
@@ -95,7 +104,7 @@ class ModelRecord:
                    postprocessing=dict(postprocessing or {}),
                    channel_names=[str(m) for m in plan.fingerprint.get("modalities", [])],
                    label_values=list(plan.label_values), pipeline=pipeline, plan_hash=plan_hash,
-                   ignore_value=plan.ignore_value)
+                   ignore_value=plan.ignore_value, regions=plan.regions)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +119,7 @@ class ModelRecord:
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "label_values": list(self.label_values),
             **({} if self.ignore_value is None else {"ignore_value": int(self.ignore_value)}),
+            **({"regions": [r.to_dict() for r in self.regions]} if self.regions else {}),
             "normalization": [n.to_dict() for n in self.normalization],
             "config": self.config.to_dict(),
             "folds": list(self.folds),
@@ -148,7 +158,7 @@ class ModelRecord:
                    in_channels=plan.in_channels, num_classes=plan.num_classes, labels=plan.labels,
                    normalization=plan.normalization, folds=sorted(folds), postprocessing=post,
                    channel_names=[str(n) for n in names], label_values=plan.label_values,
-                   ignore_value=plan.ignore_value,
+                   ignore_value=plan.ignore_value, regions=plan.regions,
                    pipeline=r.raw("pipeline", None),
                    plan_hash=r.raw("plan_hash", None), schema_version=version, restore=restore)
 

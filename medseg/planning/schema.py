@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.data.regions import Region
 from medseg.errors import InputError
 
 __all__ = ["SCHEMA_VERSION", "NORMALIZATION_SCHEMES", "NetworkSpec", "Normalization", "Configuration", "Plan"]
@@ -247,6 +248,9 @@ class Plan:
         ignore_value: the label value of unlabelled voxels (dataset.json's ignore label), or None. Not a class:
             the preprocessed cache holds it as class index :attr:`ignore_index` (= ``num_classes``), which the
             losses, the patch sampler and validation leave out.
+        regions: the data set's regions (:class:`~medseg.data.regions.Region`: name, label values, painted
+            value), or empty. With regions the network has one sigmoid output per region (:attr:`out_channels`),
+            while the cache keeps the integer class indices of ``label_values``.
         explain: ``{choice: the fact that decided it}`` for ``medseg plan --explain``.
     """
 
@@ -264,10 +268,22 @@ class Plan:
     explain: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     ignore_value: int | None = None
+    regions: tuple[Region, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.label_values:
             self.label_values = list(range(self.num_classes))
+        self.regions = tuple(self.regions)
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one per region with regions, else one per class (background included)."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    def region_classes(self) -> list[tuple[int, ...]]:
+        """The class indices (cache values) of each region, in order; empty without regions."""
+        index = {int(v): k for k, v in enumerate(self.label_values)}
+        return [tuple(index[v] for v in r.values) for r in self.regions]
 
     @property
     def ignore_index(self) -> int | None:
@@ -304,6 +320,7 @@ class Plan:
             "configurations": {k: c.to_dict() for k, c in self.configurations.items()},
             "label_values": list(self.label_values),
             **({} if self.ignore_value is None else {"ignore_value": int(self.ignore_value)}),
+            **({"regions": [r.to_dict() for r in self.regions]} if self.regions else {}),
             "explain": dict(self.explain),
             "fingerprint": self.fingerprint,
         }
@@ -358,7 +375,11 @@ class Plan:
             label_values=r.ints("label_values", []),
             explain={str(k): str(v) for k, v in dict(r.raw("explain", {})).items()},
             ignore_value=r.int("ignore_value", None, minimum=1),
+            regions=_regions_of(r),
         )
+        missing = sorted({v for reg in plan.regions for v in reg.values} - set(plan.label_values))
+        if missing:
+            raise r._bad("regions", f"regions of the label_values {plan.label_values} (not {missing})")
         if len(plan.label_values) != plan.num_classes:
             raise r._bad("label_values", f"one label value per class ({plan.num_classes})")
         if plan.ignore_value is not None and plan.ignore_value in plan.label_values:
@@ -373,3 +394,13 @@ class Plan:
         """``plan`` itself, or a plan dict validated by :meth:`from_dict` (for callers holding parsed JSON)."""
         return plan if isinstance(plan, Plan) else cls.from_dict(plan, source)
 
+
+def _regions_of(r: _Reader) -> tuple[Region, ...]:
+    """The ``regions`` list of a plan or model record (absent: none)."""
+    raw = r.raw("regions", [])
+    if not isinstance(raw, list):
+        raise r._bad("regions", "a list of {name, values, paint}")
+    try:
+        return tuple(Region.from_dict(x) for x in raw)
+    except ValueError:
+        raise r._bad("regions", "a list of {name, values, paint}") from None

@@ -120,7 +120,8 @@ def summarize_crossval(per_case: dict[str, dict[int, dict[str, float]]], labels:
 
 
 def select_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]],
-                          classes: Sequence[int], ignore: int | None = None) -> tuple[Any, dict[str, Any]]:
+                          classes: Sequence[int], ignore: int | None = None,
+                          regions: Sequence[Any] = ()) -> tuple[Any, dict[str, Any]]:
     """Choose connected-component post-processing on OOF predictions; keep it only if the mean Dice improves
     and no class gets worse (else the identity).
 
@@ -128,13 +129,14 @@ def select_postprocessing(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence
         cases: ``(prediction, reference, spacing)`` per OOF case.
         classes: foreground classes.
         ignore: the reference value of unlabelled voxels (left out of the Dice), or None.
+        regions: the plan's regions (``classes`` are then region numbers from 1), or empty.
 
     Returns:
         ``(setting, report)`` for ``postprocessing.json``.
     """
     from medseg.inference.postprocess import PostprocessSetting, choose_postprocessing
 
-    setting, report = choose_postprocessing(list(cases), classes, ignore=ignore)
+    setting, report = choose_postprocessing(list(cases), classes, ignore=ignore, regions=regions)
     before = {int(k): float(v) for k, v in report["dice_before"].items()}
     after = {int(k): float(v) for k, v in report["dice_after"].items()}
     mean_before = float(np.mean(list(before.values()))) if before else 0.0
@@ -240,7 +242,7 @@ def _result_entry(r: Any) -> dict[str, Any]:
 def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume: bool, retrain: bool,
               progress: Callable[[int, dict[str, Any]], None] | None, device: str | None,
               ddp: bool) -> dict[str, Any]:
-    from medseg.metrics import compute_metrics
+    from medseg.metrics import compute_metrics, compute_region_metrics
     from medseg.runtime import resolve_device
 
     run = ranks.prepare(pipeline, resolve_device(pipeline.train.device).type)
@@ -268,20 +270,24 @@ def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume:
     # predictions (Predictor) and references (the files) both hold the data's label values: score by value
     labels = {v: n for v, n in value_names(run.plan.labels, run.plan.label_values).items()
               if v != run.plan.label_values[0]}
+    regions = run.plan.regions  # with regions: scored per region, numbered from 1
+    if regions:
+        labels = {i + 1: r.name for i, r in enumerate(regions)}
     per_case: dict[str, dict[int, dict[str, float]]] = {}
     fold_of: dict[str, int] = {}
     pp_cases = []
     for fold in folds:
         fold_cases: dict[str, dict[int, dict[str, float]]] = {}
         for cid, pred, ref, spacing in predict_out_of_fold(run, fold, device=device):
-            fold_cases[cid] = compute_metrics(pred, ref, spacing, labels, ignore=run.plan.ignore_value)
+            fold_cases[cid] = (compute_region_metrics(pred, ref, spacing, regions, ignore=run.plan.ignore_value)
+                               if regions else compute_metrics(pred, ref, spacing, labels, ignore=run.plan.ignore_value))
             fold_of[cid] = fold
             pp_cases.append((pred, ref, spacing))
         _write_per_case(run.run_dir / f"fold_{fold}" / "per_case.csv", fold_cases, fold_of, labels)
         per_case.update(fold_cases)
     _write_per_case(run.run_dir / "per_case.csv", per_case, fold_of, labels)
     summary = summarize_crossval(per_case, labels, seed=pipeline.seed)
-    setting, report = select_postprocessing(pp_cases, sorted(labels), ignore=run.plan.ignore_value)
+    setting, report = select_postprocessing(pp_cases, sorted(labels), ignore=run.plan.ignore_value, regions=regions)
     from medseg.inference.postprocess import save_postprocessing
 
     save_postprocessing(run.run_dir / "postprocessing.json", setting, report)  # the choice's evidence

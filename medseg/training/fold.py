@@ -272,7 +272,7 @@ def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
 
     def build(kw: dict[str, Any]) -> Any:
         return build_network({"name": spec.name, "kwargs": kw}, spatial_dims=run.config.network_dims,
-                             in_channels=run.plan.in_channels, out_channels=run.plan.num_classes)
+                             in_channels=run.plan.in_channels, out_channels=run.plan.out_channels)
 
     try:
         net = build(kwargs)
@@ -398,7 +398,8 @@ def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Cal
     k = run.plan.num_classes
     counts = _class_counts(run.cache_dir, train_ids, k) if cfg.loss == "weighted_ce" else None
     loss = build_loss(cfg.loss, num_classes=k, class_counts=counts, deep_supervision=deep_sup,
-                      options=cfg.loss_options, ignore_index=run.plan.ignore_index)
+                      options=cfg.loss_options, ignore_index=run.plan.ignore_index,
+                      regions=run.plan.region_classes() or None)
     val_cases = [] if rank != 0 else [
         ValCase(cid, np.load(run.cache_dir / f"{cid}.npy"), np.load(run.cache_dir / f"{cid}_seg.npy"))
         for cid in val_ids[: cfg.val_max_cases or None]]
@@ -408,6 +409,7 @@ def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Cal
         net, spec, loss, cfg, fold_dir,
         train_batches=train_batches, val_cases=val_cases, patch_size=conf.patch_size,
         num_classes=k, slice_axis=conf.slice_axis if conf.slicewise else None, progress=progress, fold=fold,
+        regions=run.plan.region_classes() or None,
     )
     logger.info("fold %d: %d training / %d validation cases, patch %s, batch %s, %s, autocast %s, world %d",
                 fold, len(train_ids), len(val_ids), conf.patch_size, conf.batch_size, device, trainer.amp_dtype,

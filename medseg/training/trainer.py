@@ -27,6 +27,7 @@ from medseg.runtime import load_checkpoint, resolve_device, resolve_precision, s
 from medseg.training.config import TrainConfig
 from medseg.training.optim import LRSchedule, build_optimizer
 from medseg.training.record import MetricsLog, plot_curves
+from medseg.transforms.regions import region_dice
 
 __all__ = ["ValCase", "FoldResult", "Trainer", "dice_per_class", "rng_state", "set_rng_state"]
 
@@ -113,6 +114,8 @@ class Trainer:
         slice_axis: for a 2D network validated on 3D cases, the axis slices are taken along; None otherwise.
         progress: called after every epoch with a dict (epoch, progress fraction, losses, Dice, lr, eta).
         fold: the fold's index, recorded in its checkpoints.
+        regions: the class indices of each region for a region network (one sigmoid output per region, validated
+            by the Dice of each region, :func:`medseg.transforms.regions.region_dice`); None: one output per class.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class Trainer:
         slice_axis: int | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         fold: int | None = None,
+        regions: Sequence[Sequence[int]] | None = None,
     ):
         import torch.distributed as dist
 
@@ -151,6 +155,7 @@ class Trainer:
         self.slice_axis = slice_axis
         self.progress_cb = progress
         self.fold = fold
+        self.regions = [tuple(r) for r in regions] if regions else None
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.optimizer = build_optimizer(self.network, cfg)
@@ -236,7 +241,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
         """Sliding-window prediction of the validation cases (with a time budget, the first ones that fit it);
-        mean foreground Dice and per-class Dice."""
+        mean foreground Dice and per-class (or per-region) Dice."""
         self.network.eval()
         scores = []
         for i, case in enumerate(self.val_cases):
@@ -244,8 +249,11 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             logits = self.validation(self.network, torch.from_numpy(np.ascontiguousarray(case.image)))
-            pred = logits.argmax(0).cpu().numpy()
-            scores.append(dice_per_class(pred, np.asarray(case.label)[0], self.num_classes))
+            if self.regions:  # per region (logit > 0); the ignore index is num_classes
+                scores.append(region_dice(logits, np.asarray(case.label)[0], self.regions, self.num_classes))
+            else:
+                scores.append(dice_per_class(logits.argmax(0).cpu().numpy(), np.asarray(case.label)[0],
+                                             self.num_classes))
             if i == 0 and self._val_subset is None:
                 self._val_subset = self._choose_val_subset(time.perf_counter() - t0)
         self.network.train()

@@ -13,7 +13,7 @@ in bounded slabs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -303,7 +303,8 @@ def _to_input_grid(full: np.ndarray, props: dict[str, Any]) -> np.ndarray:
     return from_ras(full, props["ornt"])
 
 
-def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool) -> np.ndarray:
+def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool,
+                     background_channel: bool = True) -> np.ndarray:
     """Map a plan-space array back onto the input's original grid (shape and voxel order).
 
     Args:
@@ -311,6 +312,8 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
         props: the ``props`` returned by :func:`preprocess_volume` for this input.
         is_label: nearest resampling and zero fill for labels; linear resampling for probabilities, with the
             region outside the nonzero crop filled as certain background (channel 0 = 1, others 0).
+        background_channel: probabilities have a background channel 0 (softmax classes); False for region
+            probabilities, which are all 0 outside the crop.
 
     Returns:
         Array ``(C, *props["original_shape"])`` (labels keep their dtype, probabilities float32).
@@ -325,7 +328,7 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
                           separate=props.get("separate_axis"))
     ras_shape = tuple(props["ras_shape"])
     full = np.zeros((array.shape[0], *ras_shape), dtype=crop.dtype)
-    if not is_label and array.shape[0] > 1:
+    if not is_label and array.shape[0] > 1 and background_channel:
         full[0] = 1.0
     lo, hi = props["bbox"]
     full[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))] = crop
@@ -335,7 +338,8 @@ def restore_original(array: np.ndarray, props: dict[str, Any], *, is_label: bool
     return out
 
 
-def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22) -> np.ndarray:
+def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22,
+                  decide: Callable[[Any], Any] | None = None) -> np.ndarray:
     """The class-index label on the input's original grid, by resampling probabilities there and taking the argmax.
 
     Resampling class probabilities (or logits) and deciding on the fine grid gives smooth boundaries where a case
@@ -348,6 +352,8 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
             runs there).
         props: the ``props`` :func:`preprocess_volume` returned for this input.
         chunk_voxels: the slab size, in voxels per class.
+        decide: ``(K, *slab) probabilities -> (*slab) int16 class indices`` on the input's grid; default the
+            argmax over channels (regions: :func:`medseg.transforms.regions.paint_regions`).
 
     Returns:
         int16 ``(1, *props["original_shape"])`` class indices (0 outside the nonzero crop).
@@ -374,6 +380,9 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
     crop = np.empty(crop_shape, dtype=np.int16)
     idx0, idx1 = torch.from_numpy(i0).to(t.device), torch.from_numpy(i1).to(t.device)
     wt = torch.from_numpy(w).to(t.device, t.dtype)
+    if decide is None:
+        def decide(p: Any) -> Any:
+            return p.argmax(0).to(torch.int16)
     for a in range(0, crop_shape[0], step):
         b = min(a + step, crop_shape[0])
         slab = t.index_select(1, idx0[a:b])
@@ -383,10 +392,10 @@ def restore_label(prob: Any, props: dict[str, Any], *, chunk_voxels: int = 2**22
         if len(crop_shape) > 1 and all(m == "linear" for m in modes[1:]) and slab.shape[2:] != crop_shape[1:]:
             mode = "bilinear" if len(crop_shape) == 3 else "linear"  # the slab's rows as the batch: one call
             slab = F.interpolate(slab.movedim(1, 0), size=crop_shape[1:], mode=mode, align_corners=False)
-            crop[a:b] = slab.argmax(1).to(torch.int16).cpu().numpy()
+            crop[a:b] = decide(slab.movedim(0, 1)).cpu().numpy()
         else:
             slab = _resample_separable(slab, (b - a, *crop_shape[1:]), modes)
-            crop[a:b] = slab.argmax(0).to(torch.int16).cpu().numpy()
+            crop[a:b] = decide(slab).cpu().numpy()
     full = np.zeros((1, *props["ras_shape"]), dtype=np.int16)
     lo, hi = props["bbox"]
     full[(slice(None),) + tuple(slice(x, y) for x, y in zip(lo, hi))] = crop[None]
