@@ -181,15 +181,20 @@ def test_keyboard_interrupt_stops_cleanly_and_leaves_no_temporaries(inputs, tmp_
     assert sum(r.status == "written" for r in res) == 6 - len(names)
 
 
-def test_cli_workers_recorded_in_report(inputs, tmp_path):
-    run = tmp_path / "run"
+def save_run(run: Path) -> Path:
+    """A run folder (model.json, fold_0/checkpoint_best.pt) of :func:`_predictor`'s untrained network."""
+    from medseg.networks import model_spec
+
     pred = _predictor()
     write_model_record(run, pred.record)
     (run / "fold_0").mkdir()
-    from medseg.networks import model_spec
-
     torch.save({"network": model_spec(pred.networks[0]), "state_dict": pred.networks[0].state_dict(), "epoch": 1},
                run / "fold_0" / "checkpoint_best.pt")
+    return run
+
+
+def test_cli_workers_recorded_in_report(inputs, tmp_path):
+    run = save_run(tmp_path / "run")
     inp = tmp_path / "in"
     inp.mkdir()
     for i in range(2):
