@@ -43,6 +43,34 @@ def _masks(folder: Path, cases: list[str]) -> list[np.ndarray]:
     return [np.asarray(nib.load(folder / f"{c}.nii.gz").dataobj) for c in cases]
 
 
+def stage_shares(run: Path, folder: Path, device: str) -> dict[str, float]:
+    """Seconds spent in each stage (read, network, write) when the cases run one after the other, in-process."""
+    from medseg.inference import Predictor
+    from medseg.inference.batch import _CaseStages, discover_cases, predict_cases
+
+    spent = {"read": 0.0, "infer": 0.0, "write": 0.0}
+
+    def timed(name, fn):
+        def wrapper(self, x):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, x)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    originals = {k: getattr(_CaseStages, k) for k in spent}
+    for k, fn in originals.items():
+        setattr(_CaseStages, k, timed(k, fn))
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            predict_cases(Predictor.from_run(run, device=device), discover_cases(folder), out, workers=1)
+    finally:
+        for k, fn in originals.items():
+            setattr(_CaseStages, k, fn)
+    return spent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, type=Path, help="a trained hippocampus run folder")
@@ -91,6 +119,11 @@ def main() -> None:
             print(f"| {w} | {t:.1f} | {min(times[w]):.1f}-{max(times[w]):.1f} | {len(cases) / t:.2f} | "
                   f"{base_t / t:.2f}x | {m:.0f} | {m / base_rss:.2f}x | "
                   f"{'reference' if w == 1 else ('yes' if same.get(w) else 'NO')} |")
+        spent = stage_shares(args.run, tmp / "in", args.device)
+        total = sum(spent.values())
+        print("\nin-process, one case after the other: " + ", ".join(
+            f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in spent.items())
+            + f"; a pipeline can at best hide read + write: {total / max(spent.values()):.2f}x")
 
 
 if __name__ == "__main__":

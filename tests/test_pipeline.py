@@ -201,11 +201,11 @@ def test_cli_workers_recorded_in_report(inputs, tmp_path):
         (inp / f"case{i}.nii.gz").symlink_to(inputs / f"case{i}.nii.gz")
     out = tmp_path / "out"
     base = ["predict", "-i", str(inp), "-m", str(run), "--device", "cpu", "--no-tta"]
-    assert main([*base, "-o", str(out)]) == 0
+    assert main([*base, "-o", str(out), "--workers", "2"]) == 0
     report = json.loads((out / "predict_report.json").read_text())
-    assert report["workers"] == 2 and report["counts"]["written"] == 2  # the default for more than one case
-    assert main([*base, "-o", str(tmp_path / "out1"), "--workers", "1"]) == 0
-    assert json.loads((tmp_path / "out1" / "predict_report.json").read_text())["workers"] == 1
+    assert report["workers"] == 2 and report["counts"]["written"] == 2
+    assert main([*base, "-o", str(tmp_path / "out1")]) == 0
+    assert json.loads((tmp_path / "out1" / "predict_report.json").read_text())["workers"] == 1  # CPU default
     for i in range(2):
         a = np.asarray(nib.load(out / f"case{i}.nii.gz").dataobj)
         np.testing.assert_array_equal(a, np.asarray(nib.load(tmp_path / "out1" / f"case{i}.nii.gz").dataobj))

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="helper threads around the network: N >= 2 reads and preprocesses the next cases and "
                         "restores and writes the previous ones while the network predicts (same masks); 1: one case "
-                        "after the other (default: 2 when there is more than one case, else 1)")
+                        "after the other (default: 2 on a CUDA device when there is more than one case, else 1)")
     p.add_argument("--merge-reports", metavar="OUT",
                    help="only merge OUT's per-shard reports (predict_report.shard-I-of-N.json, every I of one N) "
                         "into OUT/predict_report.json and exit (no -i/-o/-m)")
@@ -110,7 +110,10 @@ def run(args) -> int:
     for entry in discovery.skipped():
         print(f"medseg predict: {Path(args.input) / entry.path}: skipped ({entry.reason})", file=sys.stderr)
     cases = shard_cases(discovery.cases, shard)
-    workers = args.workers if args.workers is not None else (2 if len(cases) > 1 else 1)
+    # default: pipelined on a GPU, where the network waits for reading and writing; one case after the other on a
+    # CPU, where the network already uses every core (docs/benchmarks.md, "Pipelined prediction")
+    on_gpu = getattr(predictor.device, "type", str(predictor.device)) == "cuda"
+    workers = args.workers if args.workers is not None else (2 if on_gpu and len(cases) > 1 else 1)
     writer = ReportWriter(out, shard, reserve=_report_size(len(cases), len(discovery.entries)))
     bar = tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr, disable=None)
 
