@@ -210,3 +210,33 @@ def test_cli_workers_recorded_in_report(inputs, tmp_path):
         a = np.asarray(nib.load(out / f"case{i}.nii.gz").dataobj)
         np.testing.assert_array_equal(a, np.asarray(nib.load(tmp_path / "out1" / f"case{i}.nii.gz").dataobj))
     assert main([*base, "-o", str(tmp_path / "out2"), "--workers", "0"]) == 1
+
+
+def test_ctrl_c_stops_a_pipelined_cli_run_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = save_run(tmp_path / "run")
+    inp, out = tmp_path / "in", tmp_path / "out"
+    n = 8
+    for i in range(n):
+        write_nifti(synthetic_case(90 + i, shape=(48, 44, 30))[0], inp / f"k{i}.nii.gz")
+    cmd = [sys.executable, "-m", "medseg.cli.main", "predict", "-i", str(inp), "-o", str(out), "-m", str(run),
+           "--device", "cpu", "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and any(p.name.startswith("k") for p in out.iterdir()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    names = sorted(p.name for p in out.iterdir())
+    assert proc.returncode == 130, err.decode()[-500:]
+    assert len(names) < n, "the run finished before it could be interrupted"
+    assert not [x for x in names if x.startswith(TMP_MARKER)] and "predict_report.json" not in names
+    for x in names:
+        assert nib.load(out / x).shape == (48, 44, 30)
