@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_predict import PLAN, synthetic_case
+from test_predict import PLAN, synthetic_case, wait_for_first_output
 
 from medseg.cli.main import main
 from medseg.errors import ConfigError
@@ -227,11 +227,7 @@ def test_ctrl_c_stops_a_pipelined_cli_run_cleanly(tmp_path):
            "--device", "cpu", "--workers", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and any(p.name.startswith("k") for p in out.iterdir()):
-            break
-        time.sleep(0.01)
+    wait_for_first_output(proc, out, "k")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     names = sorted(p.name for p in out.iterdir())

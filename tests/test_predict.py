@@ -339,6 +339,15 @@ def test_dicom_series_rtstruct_output_reads_back_to_the_mask(run_dir, tmp_path):
                  "rtstruct"]) == 1  # a NIfTI input has no series to reference: that case fails, reported
 
 
+def wait_for_first_output(proc: subprocess.Popen, out: Path, prefix: str, timeout: float = 120) -> None:
+    """Wait until ``proc`` has written a file named ``prefix...`` into ``out`` (or exited, or ``timeout`` s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and any(p.name.startswith(prefix) for p in out.iterdir()):
+            return
+        time.sleep(0.01)
+
+
 def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     n = 6
@@ -348,11 +357,7 @@ def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
            "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and any(p.name.startswith("case") for p in out.iterdir()):
-            break
-        time.sleep(0.01)
+    wait_for_first_output(proc, out, "case")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = sorted(p for p in out.glob("case*.nii.gz"))
