@@ -120,6 +120,16 @@ def hippocampus_subset(src: Path, n: int, dst: Path) -> Path:
     return dst
 
 
+def validation_inputs(run: Path, data: Path, n: int, folder: Path) -> list[str]:
+    """The first ``n`` validation cases of fold 0 of ``run`` as ``folder/CASE_0000.nii.gz`` links into ``data``."""
+    splits = json.loads((run / "splits.json").read_text())
+    cases = sorted(splits[0]["val"])[:n]
+    folder.mkdir(parents=True)
+    for c in cases:
+        (folder / f"{c}_0000.nii.gz").symlink_to((data / "imagesTr" / f"{c}.nii.gz").resolve())
+    return cases
+
+
 def medseg_env() -> dict[str, str]:
     """The environment for a `python -m medseg.cli.main` subprocess that runs this checkout's medseg."""
     path = os.environ.get("PYTHONPATH")

@@ -19,7 +19,6 @@ float32 on a CPU, mirroring over its three axes), then like for like (the same m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,17 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_helpers import validation_inputs
 
 HERE = Path(__file__).resolve()
-
-
-def _inputs(run: Path, data: Path, n: int, folder: Path) -> list[str]:
-    splits = json.loads((run / "splits.json").read_text())
-    cases = sorted(splits[0]["val"])[:n]
-    folder.mkdir(parents=True)
-    for c in cases:
-        (folder / f"{c}_0000.nii.gz").symlink_to((data / "imagesTr" / f"{c}.nii.gz").resolve())
-    return cases
 
 
 def _run_copy(run: Path, mirror_axes: list[int], dst: Path) -> Path:
@@ -124,7 +115,7 @@ def main() -> None:
 def run_rows(a: argparse.Namespace, log=print) -> list[dict]:
     """Run the rows of ``main`` (options ``a``) in interleaved rounds; one result dict per row that ran."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    cases = _inputs(a.medseg_run, a.data, a.cases, tmp / "in")
+    cases = validation_inputs(a.medseg_run, a.data, a.cases, tmp / "in")
     from medseg.planning import load_model_record
 
     trained_axes = load_model_record(a.medseg_run).config.mirror_axes

@@ -339,6 +339,15 @@ def test_dicom_series_rtstruct_output_reads_back_to_the_mask(run_dir, tmp_path):
                  "rtstruct"]) == 1  # a NIfTI input has no series to reference: that case fails, reported
 
 
+def wait_for_first_output(proc: subprocess.Popen, out: Path, prefix: str, timeout: float = 120) -> None:
+    """Wait until ``proc`` has written a file named ``prefix...`` into ``out`` (or exited, or ``timeout`` s)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and any(p.name.startswith(prefix) for p in out.iterdir()):
+            return
+        time.sleep(0.01)
+
+
 def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     n = 6
@@ -348,11 +357,7 @@ def test_kill_9_leaves_no_partial_file_and_rerun_completes(run_dir, tmp_path):
            "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and any(p.name.startswith("case") for p in out.iterdir()):
-            break
-        time.sleep(0.01)
+    wait_for_first_output(proc, out, "case")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = sorted(p for p in out.glob("case*.nii.gz"))
@@ -435,3 +440,89 @@ def test_shards_split_a_folder_without_coordination(run_dir, tmp_path):
     r0 = json.loads((out / "predict_report.shard-0-of-2.json").read_text())
     r1 = json.loads((out / "predict_report.shard-1-of-2.json").read_text())
     assert r0["counts"]["written"] == 2 and r1["counts"]["written"] == 1
+    # the shards' reports merge into one report, without -i/-m
+    assert main(["predict", "--merge-reports", str(out)]) == 0
+    merged = json.loads((out / "predict_report.json").read_text())
+    assert merged["counts"] == {"written": 3, "skipped": 0, "failed": 0} and merged["shards"] == 2
+    assert [c["case_id"] for c in merged["cases"]] == ["c0", "c1", "c2"]
+    assert merged["input_counts"] == {"predicted": 3, "skipped": 0, "failed": 0}
+    assert merged["shard_reports"] == ["predict_report.shard-0-of-2.json", "predict_report.shard-1-of-2.json"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".medseg-tmp-")]
+
+
+def test_merge_reports_refuses_incomplete_or_mixed_shards(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["predict", "--merge-reports", str(out)]) == 1
+    assert "holds no shard reports" in capsys.readouterr().err
+    report = {"version": 1, "model_dir": "m", "input": "i", "counts": {"written": 1, "skipped": 0, "failed": 0},
+              "cases": [{"case_id": "a", "status": "written"}]}
+    (out / "predict_report.shard-0-of-3.json").write_text(json.dumps(report))
+    (out / "predict_report.shard-2-of-3.json").write_text(json.dumps({**report, "cases": [{"case_id": "b"}]}))
+    assert main(["predict", "--merge-reports", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "lacks the report of shard(s) [1] of 3" in err and len(err.splitlines()) == 1
+    (out / "predict_report.shard-1-of-3.json").write_text(json.dumps({**report, "cases": [{"case_id": "c"}]}))
+    (out / "predict_report.shard-0-of-2.json").write_text(json.dumps(report))
+    assert main(["predict", "--merge-reports", str(out)]) == 1
+    assert "several shard counts" in capsys.readouterr().err
+    (out / "predict_report.shard-0-of-2.json").unlink()
+    (out / "predict_report.shard-1-of-3.json").write_text(json.dumps({**report, "model_dir": "other"}))
+    assert main(["predict", "--merge-reports", str(out)]) == 1
+    assert "another run" in capsys.readouterr().err
+    (out / "predict_report.shard-1-of-3.json").write_text(json.dumps({**report, "cases": [{"case_id": "c"}]}))
+    assert main(["predict", "--merge-reports", str(out)]) == 0
+    merged = json.loads((out / "predict_report.json").read_text())
+    assert [c["case_id"] for c in merged["cases"]] == ["a", "b", "c"] and merged["counts"]["written"] == 3
+    assert main(["predict", "-o", str(out)]) == 1  # without --merge-reports, -i and -m are required
+    assert "-i -m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0"}, (3, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1"}, (0, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8"}, (7, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "10", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "5",
+      "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2)),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, None),
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "0", "WORLD_SIZE": "2"}, (2, 3)),
+])
+def test_shard_auto_from_slurm_or_torchrun(env, expected):
+    from medseg.inference.discovery import resolve_shard
+
+    shard, source = resolve_shard("auto", env)
+    assert shard == expected, source
+    assert resolve_shard("1/4", env)[0] == (1, 4) and resolve_shard(None, env) == (None, "none")
+
+
+@pytest.mark.parametrize("env", [
+    {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"},  # 1,3,7 list
+    {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"},
+    {"SLURM_ARRAY_TASK_ID": "2"},
+    {"RANK": "2", "WORLD_SIZE": "2"},
+])
+def test_shard_auto_refuses_what_names_no_shard(env):
+    from medseg.errors import ConfigError
+    from medseg.inference.discovery import resolve_shard
+
+    with pytest.raises(ConfigError, match="--shard auto|SLURM_ARRAY_TASK_ID"):
+        resolve_shard("auto", env)
+
+
+def test_shard_auto_cli_records_the_resolved_shard(run_dir, tmp_path, monkeypatch):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_nifti(synthetic_case(40 + i)[0], inp / f"c{i}.nii.gz")
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")  # --array=1-2: the second task is shard 1 of 2
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    args = ["predict", "-i", str(inp), "-o", str(out), "-m", str(run_dir), "--device", "cpu", "--no-tta",
+            "--shard", "auto"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("c*.nii.gz")) == ["c1.nii.gz"]
+    report = json.loads((out / "predict_report.shard-1-of-2.json").read_text())
+    assert report["shard"] == "1/2" and "SLURM_ARRAY_TASK_ID=2" in report["shard_source"]

@@ -1,7 +1,8 @@
 """`medseg predict -i IN -o OUT -m MODEL_DIR`: batch-safe segmentation of NIfTI files, case folders and DICOM series.
 
 A thin layer over :class:`medseg.inference.Predictor` and :mod:`medseg.inference.batch`: resumable (cases with
-outputs are skipped unless ``--overwrite``), shardable (``--shard I/N``), atomic writes, one line per failed case,
+outputs are skipped unless ``--overwrite``), shardable (``--shard I/N`` or ``auto``; ``--merge-reports OUT``
+collects the shards' reports), pipelined (``--workers N``), atomic writes, one line per failed case,
 ``OUT/predict_report.json``, exit code 1 when any case failed.
 """
 
@@ -21,10 +22,11 @@ def register(subparsers) -> None:
                     "a folder of DICOM series folders. Masks are written as OUT/CASE.nii.gz with the input's exact "
                     "geometry. Cases already done are skipped (rerun after an interruption to resume).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, metavar="IN", help="input file or folder")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("-m", "--model", required=True, metavar="MODEL",
-                   help="run folder (medseg crossval/train), model package .zip, or installed model name")
+    p.add_argument("-i", "--input", metavar="IN", help="input file or folder (required unless --merge-reports)")
+    p.add_argument("-o", "--output", metavar="OUT", help="output folder (required unless --merge-reports)")
+    p.add_argument("-m", "--model", metavar="MODEL",
+                   help="run folder (medseg crossval/train), model package .zip, or installed model name "
+                        "(required unless --merge-reports)")
     p.add_argument("--folds", type=int, nargs="+", metavar="K", help="folds to ensemble (default: all of the run)")
     p.add_argument("--no-tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
@@ -52,7 +54,16 @@ def register(subparsers) -> None:
                    help="fail gantry-tilted or unevenly spaced DICOM series (default: resample them onto a regular "
                         "grid with a warning; the mask then lies on that grid)")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose outputs already exist")
-    p.add_argument("--shard", metavar="I/N", help="only cases I, I+N, ... of the sorted list (0 <= I < N)")
+    p.add_argument("--shard", metavar="I/N|auto",
+                   help="only cases I, I+N, ... of the sorted list (0 <= I < N); auto: I/N from a SLURM job array "
+                        "(SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or torchrun (RANK, WORLD_SIZE), else no sharding")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="helper threads around the network: N >= 2 reads and preprocesses the next cases and "
+                        "restores and writes the previous ones while the network predicts (same masks); 1: one case "
+                        "after the other (default: 2 on a CUDA device when there is more than one case, else 1)")
+    p.add_argument("--merge-reports", metavar="OUT",
+                   help="only merge OUT's per-shard reports (predict_report.shard-I-of-N.json, every I of one N) "
+                        "into OUT/predict_report.json and exit (no -i/-o/-m)")
     p.set_defaults(func=run)
 
 
@@ -63,21 +74,32 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from medseg.deploy.onnx_runtime import load_predictor
-    from medseg.errors import MedsegError
+    from medseg.errors import ConfigError, MedsegError
     from medseg.inference.batch import (
         ReportWriter,
         _report_size,
         account_inputs,
         discover_inputs,
-        parse_shard,
         predict_cases,
         prepare_output,
         shard_cases,
         write_report,
     )
+    from medseg.inference.discovery import resolve_shard
 
     t0 = time.perf_counter()
-    shard = parse_shard(args.shard)
+    if args.merge_reports:
+        from medseg.inference.shard_reports import merge_reports
+
+        path = merge_reports(args.merge_reports)
+        print(f"medseg predict: merged the shard reports into {path}")
+        return 0
+    missing = [flag for flag, value in (("-i", args.input), ("-o", args.output), ("-m", args.model)) if not value]
+    if missing:
+        raise ConfigError(" ".join(missing), None, "-i IN -o OUT -m MODEL (only --merge-reports OUT goes without)")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers", args.workers, "1 (one case after the other) or more (pipelined)")
+    shard, shard_source = resolve_shard(args.shard)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         prepare_output(out)  # refuses an existing file before the model is loaded
@@ -90,6 +112,10 @@ def run(args) -> int:
     for entry in discovery.skipped():
         print(f"medseg predict: {Path(args.input) / entry.path}: skipped ({entry.reason})", file=sys.stderr)
     cases = shard_cases(discovery.cases, shard)
+    # default: pipelined on a GPU, where the network waits for reading and writing; one case after the other on a
+    # CPU, where the network already uses every core (docs/benchmarks.md, "Pipelined prediction")
+    on_gpu = getattr(predictor.device, "type", str(predictor.device)) == "cuda"
+    workers = args.workers if args.workers is not None else (2 if on_gpu and len(cases) > 1 else 1)
     writer = ReportWriter(out, shard, reserve=_report_size(len(cases), len(discovery.entries)))
     bar = tqdm(total=len(cases), unit="case", desc="predict", file=sys.stderr, disable=None)
 
@@ -101,7 +127,8 @@ def run(args) -> int:
     try:
         results = predict_cases(predictor, cases, out, output_format=args.output_format,
                                 probabilities=args.save_probabilities, uncertainty=args.uncertainty,
-                                overwrite=args.overwrite, on_case=on_case, strict_geometry=args.strict_geometry)
+                                overwrite=args.overwrite, on_case=on_case, strict_geometry=args.strict_geometry,
+                                workers=workers)
     except BaseException:
         writer.discard()
         raise
@@ -112,7 +139,8 @@ def run(args) -> int:
             "configuration": predictor.config_name, "input": str(args.input), "device": str(predictor.device),
             "runtime": getattr(predictor, "runtime", "torch"),
             "tta": not args.no_tta, "overlap": args.overlap, "compile": args.compile, "output_format": args.output_format,
-            "shard": args.shard, "seconds": round(time.perf_counter() - t0, 2)}
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}", "shard_source": shard_source,
+            "workers": workers, "seconds": round(time.perf_counter() - t0, 2)}
     n = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     n_skipped = sum(e.status == "skipped" and e.case_id is None for e in entries)
     summary = (f"medseg predict: {n['written']} written, {n['skipped']} already done, {n['failed']} failed"

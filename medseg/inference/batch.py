@@ -200,18 +200,137 @@ def _check_plan_size(predictor: Any, image, where: str | Path | None) -> None:
     check_resampled(where, shape, spacing, target, channels, purpose=f"for configuration {record.configuration}")
 
 
+@dataclass
+class _Job:
+    """One case on its way through the stages of :func:`predict_cases` (the pipeline's unit of work)."""
+
+    case: CaseInput
+    paths: dict[str, Path]
+    result: CaseResult | None = None
+    warnings: list[str] = field(default_factory=list)
+    image: Any = None  # the input Volume
+    prepared: Any = None  # Predictor.prepare's PreparedCase
+    prob: Any = None  # the network's probabilities in plan space
+    prediction: Any = None  # a predictor without prepare/finish: predict_full's Prediction
+    seconds: float = 0.0  # time spent in the stages (the case's own work, whatever ran beside it)
+
+
+class _CaseStages:
+    """The three stages of one case: read (load, checks, preprocessing), infer (the network), write (restore,
+    post-process, atomic writes). A failure at any stage becomes the case's ``failed`` result; later stages pass
+    it through."""
+
+    def __init__(self, predictor: Any, out_dir: Path, *, output_format: str, probabilities: bool,
+                 uncertainty: bool, overwrite: bool, strict_geometry: bool):
+        self.predictor = predictor
+        self.out_dir = out_dir
+        self.output_format = output_format
+        self.probabilities = probabilities
+        self.uncertainty = uncertainty
+        self.overwrite = overwrite
+        self.strict_geometry = strict_geometry
+        self.staged = callable(getattr(predictor, "prepare", None)) and callable(getattr(predictor, "finish", None))
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        log.debug("case %s failed", job.case.case_id, exc_info=True)
+        job.result = CaseResult(job.case.case_id, "failed", error=describe_exception(exc), warnings=job.warnings)
+        job.image = job.prepared = job.prob = job.prediction = None
+
+    def read(self, case: CaseInput) -> _Job:
+        t0 = time.perf_counter()
+        paths = output_paths(self.out_dir, case.case_id, output_format=self.output_format,
+                             probabilities=self.probabilities, uncertainty=self.uncertainty)
+        job = _Job(case, paths)
+        if not self.overwrite and all(p.is_file() for p in paths.values()):
+            job.result = CaseResult(case.case_id, "skipped", outputs=[p.name for p in paths.values()])
+            return job
+        try:
+            if self.output_format in DICOM_FORMATS and case.kind != "dicom":
+                raise InputError(case.images[0], "is not a DICOM series", f"DICOM input for --output-format "
+                                                                          f"{self.output_format} (or use nifti)")
+            image = _load_image(case, strict_geometry=self.strict_geometry)
+            where = image.meta.get("source") or case.images[0]
+            job.warnings = list(image.meta.get("warnings") or []) + check_image_values(image, where)
+            for w in job.warnings:
+                log.warning("%s: warning: %s", case.case_id, w)
+            _check_plan_size(self.predictor, image, where)
+            job.image = image
+            if self.staged:
+                job.prepared = self.predictor.prepare(image)
+        except Exception as exc:  # one case's failure must not stop the batch; reported, not hidden
+            self._fail(job, exc)
+        job.seconds += time.perf_counter() - t0
+        return job
+
+    def infer(self, job: _Job) -> _Job:
+        if job.result is not None:
+            return job
+        t0 = time.perf_counter()
+        try:
+            if self.staged:
+                job.prob = self.predictor.predict_array(job.prepared.image)
+            else:
+                job.prediction = self.predictor.predict_full(job.image, probabilities=self.probabilities,
+                                                             uncertainty=self.uncertainty)
+        except Exception as exc:
+            self._fail(job, exc)
+        job.seconds += time.perf_counter() - t0
+        return job
+
+    def write(self, job: _Job) -> CaseResult:
+        from medseg.inference.regions import MULTILABEL_FORMAT, multilabel_volume
+        from medseg.io.nifti import write_nifti
+
+        t0 = time.perf_counter()
+        if job.result is None:
+            paths, image = job.paths, job.image
+            try:
+                pred = job.prediction
+                if pred is None:
+                    pred = self.predictor.finish(job.prepared, job.prob, probabilities=self.probabilities,
+                                                 uncertainty=self.uncertainty)
+                job.prepared = job.prob = None
+                if self.probabilities:
+                    write_nifti(pred.probabilities, paths["probabilities"], dtype="float32")
+                if self.uncertainty:
+                    write_nifti(pred.uncertainty, paths["uncertainty"], dtype="float32")
+                if self.output_format in DICOM_FORMATS:
+                    write_dicom_mask(self.output_format, pred.label, job.case.images[0], paths["mask"],
+                                     self.predictor, series_uid=image.meta.get("series_uid"))
+                elif self.output_format == MULTILABEL_FORMAT:
+                    regions = getattr(getattr(self.predictor, "record", None), "regions", ())
+                    write_nifti(multilabel_volume(pred.label, regions, self.predictor.label_values), paths["mask"],
+                                dtype="uint8")
+                else:
+                    write_nifti(pred.label, paths["mask"], dtype=pred.label.array.dtype)
+                job.result = CaseResult(job.case.case_id, "written", outputs=[p.name for p in paths.values()],
+                                        warnings=job.warnings, source_files=image.meta.get("source_files"))
+            except Exception as exc:
+                self._fail(job, exc)
+        res = job.result
+        job.image = job.prepared = job.prob = job.prediction = None
+        res.seconds = round(job.seconds + time.perf_counter() - t0, 3)
+        return res
+
+
 def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Path, *,
                   output_format: str = "nifti", probabilities: bool = False, uncertainty: bool = False,
                   overwrite: bool = False, on_case: Callable[[CaseResult], None] | None = None,
-                  strict_geometry: bool = False) -> list[CaseResult]:
+                  strict_geometry: bool = False, workers: int = 1) -> list[CaseResult]:
     """Predict every case, writing its outputs atomically; never raises for a single case's failure.
 
     Each image is checked before it is predicted: values (:func:`check_image_values`) and its grid at the plan's
     spacing against the voxel limit. Temporaries that a killed run left for any of these cases' outputs are removed
     first, whether or not the case is predicted again.
 
+    With ``workers`` > 1 the cases go through a pipeline (:func:`medseg.inference.pipeline.run_pipeline`): reader
+    threads load, check and preprocess the next cases and writer threads restore and write the previous ones while
+    the network works on the current case on the calling thread. The masks are those of ``workers=1`` (the same
+    code runs in each stage), results keep the order of ``cases``, and a few cases at most are held in memory.
+
     Args:
-        predictor: a :class:`medseg.inference.Predictor` (anything with ``predict_full``).
+        predictor: a :class:`medseg.inference.Predictor` (anything with ``predict_full``; ``prepare``,
+            ``predict_array`` and ``finish`` when present split the work into the pipeline's stages).
         cases: from :func:`discover_inputs` / :func:`shard_cases`.
         out_dir: output folder (created).
         output_format: ``"nifti"``, ``"nifti-multilabel"`` (4D, one channel per region or foreground class:
@@ -220,68 +339,31 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         probabilities: also write ``CASE_probabilities.nii.gz`` (K channels, float32).
         uncertainty: also write ``CASE_uncertainty.nii.gz`` (predictive entropy, nats).
         overwrite: predict cases whose outputs already exist (default: skip them).
-        on_case: called with each :class:`CaseResult` as soon as it is known (progress, printing).
+        on_case: called with each :class:`CaseResult`, in order, as soon as it is known (progress, printing).
         strict_geometry: fail tilted or unevenly spaced DICOM series instead of resampling them.
+        workers: 1: one case after the other; N > 1: N helper threads around the network
+            (:func:`medseg.inference.pipeline.split_workers`).
 
     Returns:
         One result per case, in order.
 
     Raises:
-        ConfigError: an unknown output format.
+        ConfigError: an unknown output format, ``workers`` < 1.
         InputError: ``out_dir`` is an existing file or cannot be created.
     """
-    from medseg.inference.regions import MULTILABEL_FORMAT, multilabel_volume
-    from medseg.io.nifti import write_nifti
+    from medseg.inference.pipeline import run_pipeline
+
+    from medseg.inference.regions import MULTILABEL_FORMAT
 
     if output_format not in ("nifti", MULTILABEL_FORMAT) and output_format not in DICOM_FORMATS:
         raise ConfigError("--output-format", output_format, "'nifti', 'nifti-multilabel', 'dicom-seg' or 'rtstruct'")
+    if workers < 1:
+        raise ConfigError("--workers", workers, "1 (one case after the other) or more (pipelined)")
     out_dir = prepare_output(out_dir)
     remove_stale_temporaries(out_dir, _owned_names(cases))
-    results = []
-    for case in cases:
-        t0 = time.perf_counter()
-        paths = output_paths(out_dir, case.case_id, output_format=output_format, probabilities=probabilities,
-                             uncertainty=uncertainty)
-        if not overwrite and all(p.is_file() for p in paths.values()):
-            res = CaseResult(case.case_id, "skipped", outputs=[p.name for p in paths.values()])
-        else:
-            warnings: list[str] = []
-            try:
-                if output_format in DICOM_FORMATS and case.kind != "dicom":
-                    raise InputError(case.images[0], "is not a DICOM series", f"DICOM input for --output-format "
-                                                                              f"{output_format} (or use nifti)")
-                image = _load_image(case, strict_geometry=strict_geometry)
-                where = image.meta.get("source") or case.images[0]
-                warnings = list(image.meta.get("warnings") or []) + check_image_values(image, where)
-                for w in warnings:
-                    log.warning("%s: warning: %s", case.case_id, w)
-                _check_plan_size(predictor, image, where)
-                pred = predictor.predict_full(image, probabilities=probabilities, uncertainty=uncertainty)
-                if probabilities:
-                    write_nifti(pred.probabilities, paths["probabilities"], dtype="float32")
-                if uncertainty:
-                    write_nifti(pred.uncertainty, paths["uncertainty"], dtype="float32")
-                if output_format in DICOM_FORMATS:
-                    write_dicom_mask(output_format, pred.label, case.images[0], paths["mask"], predictor,
-                                     series_uid=image.meta.get("series_uid"))
-                elif output_format == MULTILABEL_FORMAT:
-                    regions = getattr(getattr(predictor, "record", None), "regions", ())
-                    write_nifti(multilabel_volume(pred.label, regions, predictor.label_values), paths["mask"],
-                                dtype="uint8")
-                else:
-                    write_nifti(pred.label, paths["mask"], dtype=pred.label.array.dtype)
-                res = CaseResult(case.case_id, "written", outputs=[p.name for p in paths.values()],
-                                 warnings=warnings, source_files=image.meta.get("source_files"))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # one case's failure must not stop the batch; reported, not hidden
-                log.debug("case %s failed", case.case_id, exc_info=True)
-                res = CaseResult(case.case_id, "failed", error=describe_exception(exc), warnings=warnings)
-        res.seconds = round(time.perf_counter() - t0, 3)
-        results.append(res)
-        if on_case is not None:
-            on_case(res)
-    return results
+    stages = _CaseStages(predictor, out_dir, output_format=output_format, probabilities=probabilities,
+                         uncertainty=uncertainty, overwrite=overwrite, strict_geometry=strict_geometry)
+    return run_pipeline(cases, stages.read, stages.infer, stages.write, workers=workers, on_done=on_case)
 
 
 def account_inputs(discovery: Discovery, results: Sequence[CaseResult],

@@ -24,7 +24,7 @@ import os
 import re
 import stat
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from medseg.errors import ConfigError, InputError
 from medseg.io.atomic import TMP_MARKER
 from medseg.io.registry import split_suffix
 
-__all__ = ["CaseInput", "InputEntry", "Discovery", "discover_inputs", "discover_cases", "shard_cases", "parse_shard"]
+__all__ = ["CaseInput", "InputEntry", "Discovery", "discover_inputs", "discover_cases", "shard_cases", "parse_shard",
+           "resolve_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,64 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not m or not int(m.group(1)) < int(m.group(2)):
         raise ConfigError("--shard", text, "I/N with 0 <= I < N, e.g. 0/4 (SLURM: $SLURM_ARRAY_TASK_ID/N)")
     return int(m.group(1)), int(m.group(2))
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    text = env.get(name)
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ConfigError(name, text, "an integer (as SLURM and torchrun set it)") from None
+
+
+def resolve_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple[tuple[int, int] | None, str]:
+    """``--shard``: ``"I/N"``, ``"auto"`` or None -> ``(shard, where it came from)``.
+
+    ``auto`` takes the shard from the scheduler: a SLURM job array (``SLURM_ARRAY_TASK_ID`` counted from
+    ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP``, out of ``SLURM_ARRAY_TASK_COUNT``), else
+    torchrun's ``RANK`` of ``WORLD_SIZE`` (when ``WORLD_SIZE`` > 1), else no sharding.
+
+    Args:
+        text: the option's value.
+        env: the environment (default ``os.environ``).
+
+    Returns:
+        ``(None or (I, N), source)``, source e.g. ``"SLURM_ARRAY_TASK_ID=5 of --array=1-8"`` or ``"--shard 0/4"``.
+
+    Raises:
+        ConfigError: malformed text, or scheduler variables that do not name one shard of a contiguous array.
+    """
+    if text is None or str(text).strip().lower() != "auto":
+        shard = parse_shard(text)
+        return shard, "none" if shard is None else f"--shard {shard[0]}/{shard[1]}"
+    env = os.environ if env is None else env
+    task = _env_int(env, "SLURM_ARRAY_TASK_ID")
+    if task is not None:
+        lo = _env_int(env, "SLURM_ARRAY_TASK_MIN") or 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") or 1
+        count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        hi = _env_int(env, "SLURM_ARRAY_TASK_MAX")
+        if count is None:
+            if hi is None:
+                raise ConfigError("--shard auto", f"SLURM_ARRAY_TASK_ID={task} without SLURM_ARRAY_TASK_COUNT",
+                                  "a SLURM job array (sbatch --array), or --shard I/N")
+            count = (hi - lo) // step + 1
+        index, off = divmod(task - lo, step)
+        if off or not 0 <= index < count:
+            raise ConfigError("--shard auto", f"SLURM_ARRAY_TASK_ID={task} (min {lo}, step {step}, count {count})",
+                              "a contiguous array such as --array=0-7 or 1-8:1 (or --shard I/N from your own "
+                              "numbering)")
+        return (index, count), f"SLURM_ARRAY_TASK_ID={task} of {count} tasks from {lo}"
+    world = _env_int(env, "WORLD_SIZE")
+    if world is not None and world > 1:
+        rank = _env_int(env, "RANK")
+        if rank is None or not 0 <= rank < world:
+            raise ConfigError("--shard auto", f"RANK={env.get('RANK')} of WORLD_SIZE={world}",
+                              "0 <= RANK < WORLD_SIZE, as torchrun sets them")
+        return (rank, world), f"RANK={rank} of WORLD_SIZE={world}"
+    return None, "auto: no SLURM array or torchrun world, one shard"
 
 
 def shard_cases(cases: Sequence[CaseInput], shard: tuple[int, int] | None) -> list[CaseInput]:

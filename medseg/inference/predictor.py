@@ -33,7 +33,7 @@ from medseg.runtime import (
 )
 from medseg.transforms.labels import decode_labels, value_names
 
-__all__ = ["Predictor", "Prediction", "InferenceOptions", "entropy", "argmax_label"]
+__all__ = ["Predictor", "Prediction", "PreparedCase", "InferenceOptions", "entropy", "argmax_label"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ class Prediction:
     label: Volume
     probabilities: Volume | None = None
     uncertainty: Volume | None = None
+
+
+@dataclass
+class PreparedCase:
+    """A case preprocessed into plan space, waiting for the network (:meth:`Predictor.prepare`).
+
+    Args:
+        volume: the input image (its geometry and metadata are those of the output).
+        image: ``(C, *plan_spatial)`` float32 in plan space.
+        props: what :meth:`Predictor.finish` needs to restore the input's grid.
+    """
+
+    volume: Volume
+    image: np.ndarray
+    props: dict[str, Any]
 
 
 def _chunks(n_first: int, per_slice: int, budget: int = 2**24) -> list[slice]:
@@ -254,10 +269,49 @@ class Predictor:
         Raises:
             InputError: the image does not fit the plan.
         """
-        from medseg.transforms.preprocess import preprocess_volume, restore_label, restore_original
+        prepared = self.prepare(volume)
+        prob = self.predict_array(prepared.image)
+        return self.finish(prepared, prob, probabilities=probabilities, uncertainty=uncertainty)
+
+    def prepare(self, volume: Volume) -> PreparedCase:
+        """The read side of :meth:`predict_full`: ``volume`` preprocessed into plan space (no network).
+
+        Batch prediction (:mod:`medseg.inference.pipeline`) runs this in a reader thread while the network works
+        on another case.
+
+        Args:
+            volume: the input image.
+
+        Returns:
+            A :class:`PreparedCase` for :meth:`predict_array` and :meth:`finish`.
+
+        Raises:
+            InputError: the image does not fit the plan.
+        """
+        from medseg.transforms.preprocess import preprocess_volume
 
         image, _, props = preprocess_volume(volume, self.plan, self.config_name)
-        prob = self.predict_array(image)
+        return PreparedCase(volume, image, props)
+
+    def finish(self, prepared: PreparedCase, prob: torch.Tensor, *, probabilities: bool = False,
+               uncertainty: bool = False) -> Prediction:
+        """The write side of :meth:`predict_full`: the network's probabilities back onto the input's grid.
+
+        Restores the label onto the input grid, maps class indices to the data's label values, applies the
+        run's post-processing and, if asked, restores the probabilities and the predictive entropy.
+
+        Args:
+            prepared: from :meth:`prepare`.
+            prob: ``(K, *plan_spatial)`` from :meth:`predict_array` on ``prepared.image``.
+            probabilities: also return the averaged class probabilities.
+            uncertainty: also return the voxel-wise predictive entropy over mirrors and folds.
+
+        Returns:
+            A :class:`Prediction`.
+        """
+        from medseg.transforms.preprocess import restore_label, restore_original
+
+        volume, props = prepared.volume, prepared.props
         if self.record.regions:  # one sigmoid probability per region, painted in regions_class_order
             from medseg.inference.regions import region_probabilities, restore_regions
 
