@@ -352,7 +352,6 @@ def predict_cases(predictor: Any, cases: Sequence[CaseInput], out_dir: str | Pat
         InputError: ``out_dir`` is an existing file or cannot be created.
     """
     from medseg.inference.pipeline import run_pipeline
-
     from medseg.inference.regions import MULTILABEL_FORMAT
 
     if output_format not in ("nifti", MULTILABEL_FORMAT) and output_format not in DICOM_FORMATS:
