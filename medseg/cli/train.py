@@ -105,8 +105,12 @@ def prepare_run(pipeline, args, folds) -> None:
     if pipeline.output.exists() and not pipeline.output.is_dir():
         raise InputError(pipeline.output, "exists and is not a folder", "a run folder (new or existing), --output")
     if int(os.environ.get("RANK", "0")) == 0:
-        for k in folds:
-            remove_stale_temporaries(pipeline.output / f"fold_{k}")
+        # a run of every configuration has its folds in RUN/<configuration>/fold_K
+        roots = [pipeline.output] + ([d for d in pipeline.output.iterdir() if (d / "config.yaml").is_file()]
+                                     if pipeline.configuration == "auto" and pipeline.output.is_dir() else [])
+        for root in roots:
+            for k in folds:
+                remove_stale_temporaries(root / f"fold_{k}")
 
 
 def run(args) -> int:
