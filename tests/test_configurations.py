@@ -181,7 +181,20 @@ def test_predictor_follows_the_selection_record(lowres_run):
 
 
 # ---------------------------------------------------------------------------------------------- no YAML
-@pytest.mark.parametrize("variant", ["anisotropic", "ct", "ct_unnamed"])
+@pytest.mark.parametrize("variant", ["ct", "ct_unnamed"])
+def test_ct_is_planned_with_and_without_the_modality_name(tmp_path, variant):
+    from medseg.data.demo import make_demo_dataset
+    from medseg.data.manifest import load_manifest
+    from medseg.planning import fingerprint, make_plan
+
+    data = make_demo_dataset(tmp_path / "data", n_cases=3, seed=0, variant=variant)
+    assert ("modality" in json.loads((data / "dataset.json").read_text())) == (variant == "ct")
+    plan = make_plan(fingerprint(load_manifest(data)))
+    assert plan.normalization[0].scheme == "ct"
+    assert ("no modality given" in plan.explain["normalization[0]"]) == (variant == "ct_unnamed")
+
+
+@pytest.mark.parametrize("variant", ["anisotropic", "ct_unnamed"])
 def test_crossval_without_yaml_on_the_synthetic_sets(tmp_path, variant, short_recipe):
     from medseg.cli.main import main
     from medseg.data.demo import make_demo_dataset
