@@ -152,7 +152,7 @@ def main() -> None:
     if args.row:
         print("ROW " + json.dumps(_row(args)), flush=True)
         return
-    from medseg.device import cpu_has_bf16
+    from medseg.runtime import cpu_has_bf16
 
     print(f"# CPU flags: {_cpu_flags()}; threads {args.threads}; run {args.run}")
     if any(r.startswith("ort") for r in args.rows):

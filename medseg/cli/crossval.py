@@ -20,7 +20,10 @@ def register(subparsers) -> None:
                               "plan and the training recipe for the device and --time-budget (a --config only "
                               "overrides). Train every fold (folds already trained are reused), predict each fold's "
                               "validation cases, write per_case.csv, crossval_summary.json, postprocessing.json and "
-                              "model.json (all folds = an ensemble for `medseg predict -m RUN`).")
+                              "model.json (all folds = an ensemble for `medseg predict -m RUN`). Without a named "
+                              "configuration, every 3D configuration the plan lists is cross-validated into RUN/NAME/ "
+                              "(the time budget split equally) and model.json records the best one or pair by "
+                              "out-of-fold Dice (nnU-Net's find_best_configuration).")
     add_common(p)
     p.add_argument("--folds", type=_folds, help="folds to run, e.g. '0 1' or '0,1' (default: all)")
     p.add_argument("--retrain", action="store_true", help="train again folds that already finished")
@@ -69,5 +72,8 @@ def run(args) -> int:
         d = entry["metrics"]["dice"]
         print(f"  {lab} {entry.get('name', '')}: Dice {num(d['mean'])} +- {num(d['sd'])} "
               f"(95% CI {num(d['ci_low'])}-{num(d['ci_high'])})")
+    if "selection" in summary:  # every configuration of the plan was trained: which one (or pair) predicts
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["selection"]["candidates"].items())
+        print(f"chosen: {summary['chosen']} (out-of-fold mean foreground Dice: {scores})")
     print(f"run folder: {pipeline.output}")
     return 0

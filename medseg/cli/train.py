@@ -21,6 +21,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="training time per fold, held to the step; the LR schedule decays to the end of it and "
                         "validation/checkpoint intervals follow it (config: max_minutes; CPU default without a "
                         "config: 20)")
+    p.add_argument("--configuration", metavar="NAME",
+                   help="train this configuration of the plan only, e.g. 3d_fullres (config: configuration; default "
+                        "without a config: every 3D configuration the plan lists, each into RUN/NAME/, the budget "
+                        "split equally, and crossval chooses the best one or pair from out-of-fold Dice)")
     p.add_argument("--epochs", type=int, help="maximum epochs (config: train.epochs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (config: train.device)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32", "none"),
@@ -38,6 +42,8 @@ def overrides(args: argparse.Namespace) -> dict:
         import os
 
         top["dataset"] = os.path.abspath(args.dataset)
+    if getattr(args, "configuration", None):
+        top["configuration"] = args.configuration
     if args.time_budget is not None:
         train["max_minutes"] = args.time_budget
     if args.epochs is not None:
@@ -99,8 +105,12 @@ def prepare_run(pipeline, args, folds) -> None:
     if pipeline.output.exists() and not pipeline.output.is_dir():
         raise InputError(pipeline.output, "exists and is not a folder", "a run folder (new or existing), --output")
     if int(os.environ.get("RANK", "0")) == 0:
-        for k in folds:
-            remove_stale_temporaries(pipeline.output / f"fold_{k}")
+        # a run of every configuration has its folds in RUN/<configuration>/fold_K
+        roots = [pipeline.output] + ([d for d in pipeline.output.iterdir() if (d / "config.yaml").is_file()]
+                                     if pipeline.configuration == "auto" and pipeline.output.is_dir() else [])
+        for root in roots:
+            for k in folds:
+                remove_stale_temporaries(root / f"fold_{k}")
 
 
 def run(args) -> int:
@@ -109,9 +119,12 @@ def run(args) -> int:
 
     from medseg.training.config import load_pipeline
     from medseg.training.fold import train_fold
+    from medseg.training.multiconfig import is_multi_configuration, train_configurations
 
     pipeline = load_pipeline(args.config, overrides(args))
     prepare_run(pipeline, args, [args.fold])
+    if is_multi_configuration(pipeline):
+        return _train_configurations(pipeline, args, train_configurations)
     rank = int(os.environ.get("RANK", "0"))
     bar = ProgressBar(not args.no_progress and rank == 0 and sys.stderr.isatty(), f"fold {args.fold}")
     try:
@@ -121,4 +134,29 @@ def run(args) -> int:
     if rank == 0:
         print(f"fold {args.fold}: {res.epochs} epochs in {res.elapsed_s / 60:.1f} min, best smoothed validation "
               f"Dice {res.best_ema_dice:.4f} (epoch {res.best_epoch}) -> {pipeline.output / f'fold_{args.fold}'}")
+    return 0
+
+
+def _train_configurations(pipeline, args, train_configurations) -> int:
+    """``medseg train`` without a configuration: fold K of every 3D configuration the plan lists."""
+    import sys
+
+    bars: dict[str, ProgressBar] = {}
+
+    def progress(name: str, info: dict) -> None:
+        if name not in bars:
+            for b in bars.values():
+                b.close()
+            bars[name] = ProgressBar(not args.no_progress and sys.stderr.isatty(), f"{name} fold {args.fold}")
+        bars[name](info)
+
+    try:
+        results = train_configurations(pipeline, args.fold, resume=args.resume, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    for name, res in results.items():
+        print(f"{name} fold {args.fold}: {res.epochs} epochs in {res.elapsed_s / 60:.1f} min, best smoothed "
+              f"validation Dice {res.best_ema_dice:.4f} (epoch {res.best_epoch}) -> "
+              f"{pipeline.output / name / f'fold_{args.fold}'}")
     return 0

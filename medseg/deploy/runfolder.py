@@ -41,6 +41,24 @@ def read_json(path: Path, what: str, *, required: bool = True) -> dict[str, Any]
     return data
 
 
+def chosen_configuration(root: Path) -> Path:
+    """``root`` itself, or, for a run that trained several configurations, the folder of the one that find-best
+    chose (``RUN/<configuration>``, a complete single-configuration run folder).
+
+    Raises:
+        InputError: find-best chose an ensemble of two configurations (a package holds one configuration).
+    """
+    from medseg.planning.selection import load_selection
+
+    sel = load_selection(root)
+    if sel is None:
+        return root
+    if len(sel.chosen) != 1:
+        raise InputError(root / "model.json", f"chose the ensemble {'+'.join(sel.chosen)}, and a model package or "
+                         "export holds one configuration", f"one configuration's folder, e.g. {root / sel.chosen[0]}")
+    return root / sel.chosen[0]
+
+
 @dataclass
 class RunFolder:
     """Read-only view of a run folder (or an unpacked model package, which has the same layout).
@@ -55,6 +73,7 @@ class RunFolder:
         self.root = Path(self.root)
         if not self.root.is_dir():
             raise InputError(self.root, "is not a folder", "a run folder with model.json, plan.json and fold_K/")
+        self.root = chosen_configuration(self.root)
 
     # -------------------------------------------------------------------------------- records
     @property

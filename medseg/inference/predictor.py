@@ -190,7 +190,9 @@ class Predictor:
                 ``postprocess``, ``checkpoint``, ``compile``).
 
         Returns:
-            A ready Predictor.
+            A ready Predictor. For a run that trained several configurations (``model.json`` a selection record,
+            :mod:`medseg.planning.selection`): the chosen configuration's Predictor, or for an ensemble of two an
+            :class:`~medseg.inference.ensemble.EnsemblePredictor` (same ``predict`` / ``predict_full``).
 
         Raises:
             InputError: missing or unreadable files, a fold of the record (or a requested fold) that is absent.
@@ -199,6 +201,13 @@ class Predictor:
         import dataclasses
 
         root = Path(model_dir)
+        from medseg.planning.selection import load_selection
+
+        selection = load_selection(root)
+        if selection is not None:
+            from medseg.inference.ensemble import predictor_for_selection
+
+            return predictor_for_selection(root, selection, folds=folds, device=device, **options)
         record = load_model_record(root)
         try:
             opts = InferenceOptions(**options)

@@ -206,6 +206,11 @@ def load_model_record(run_dir: str | Path) -> ModelRecord:
         raise InputError(root, "is not a folder", "a run folder with model.json and fold_K/ checkpoints")
     path = root / MODEL_RECORD
     data = _read_json(path) if path.is_file() else None
+    if isinstance(data, dict) and data.get("kind") == "selection":  # medseg.planning.selection
+        members = [str(m) for m in data.get("members", [])]
+        raise InputError(path, f"is the selection record of a run that trained the configurations {members}, "
+                         "not one model's record", "RUN/<configuration> for one configuration's record, or "
+                         "Predictor.from_run(RUN) / `medseg predict -m RUN` to predict with the chosen one(s)")
     if isinstance(data, dict) and "schema_version" in data:
         return ModelRecord.from_dict(data, path)
     return _migrate_v1(root, data)

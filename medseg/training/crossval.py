@@ -30,7 +30,8 @@ from medseg.training.fold import (
 )
 from medseg.training.record import write_json
 
-__all__ = ["run_crossval", "predict_out_of_fold", "summarize_crossval", "select_postprocessing"]
+__all__ = ["run_crossval", "predict_out_of_fold", "summarize_crossval", "select_postprocessing",
+           "load_oof_probabilities"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,19 @@ def _pred_path(fold_dir: Path, case_id: str) -> Path:
     return fold_dir / "validation" / f"{case_id}.nii.gz"
 
 
+def _prob_path(fold_dir: Path, case_id: str) -> Path:
+    return fold_dir / "validation" / f"{case_id}_probabilities.npz"
+
+
+def load_oof_probabilities(fold_dir: Path, case_id: str) -> np.ndarray:
+    """The ``(K, *spatial)`` out-of-fold class probabilities of a case on its own grid (float32), as
+    :func:`predict_out_of_fold` ``(probabilities=True)`` stored them (float16)."""
+    with np.load(_prob_path(fold_dir, case_id)) as z:
+        return z["probabilities"].astype(np.float32)
+
+
 def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, tta: bool = True,
+                        probabilities: bool = False,
                         ) -> list[tuple[str, np.ndarray, np.ndarray, tuple[float, ...]]]:
     """Predict fold ``fold``'s validation cases with that fold's network, on each case's original grid.
 
@@ -51,6 +64,9 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
         fold: the fold.
         device: inference device (default: CUDA when available).
         tta: test-time mirroring.
+        probabilities: also keep the class probabilities on the case's grid in
+            ``fold_K/validation/<case>_probabilities.npz`` (float16, what choosing between configurations and
+            ensembles needs; :func:`load_oof_probabilities`).
 
     Returns:
         ``(case_id, prediction, reference, spacing)`` per validation case, arrays without the channel axis, both
@@ -72,13 +88,17 @@ def predict_out_of_fold(run: RunData, fold: int, *, device: str | None = None, t
             continue
         image, ref = load_case(case.images, case.label, case.label_names)
         path = _pred_path(fold_dir, cid)
-        if path.is_file():
+        if path.is_file() and (not probabilities or _prob_path(fold_dir, cid).is_file()):
             pred = read_volume(path)
         else:
             if predictor is None:
                 predictor = Predictor.from_run(run.run_dir, folds=[fold], device=dev, tta=tta,
                                                amp=run.pipeline.train.amp, postprocess=False)
-            pred = predictor.predict(image)
+            full = predictor.predict_full(image, probabilities=probabilities)
+            pred = full.label
+            if full.probabilities is not None:
+                with atomic_path(_prob_path(fold_dir, cid)) as tmp, tmp.open("wb") as f:
+                    np.savez_compressed(f, probabilities=full.probabilities.array.astype(np.float16))
             write_volume(pred, path)
         assert ref is not None
         out.append((cid, np.asarray(pred.array[0]), np.asarray(ref.array[0]), tuple(ref.spacing)))
@@ -162,8 +182,12 @@ def run_crossval(
     progress: Callable[[int, dict[str, Any]], None] | None = None,
     device: str | None = None,
     ddp: bool = False,
+    oof_probabilities: bool = False,
 ) -> dict[str, Any]:
     """Train (or collect) the folds, predict out of fold, summarise and choose post-processing.
+
+    With ``configuration: auto`` and a plan of several configurations, every configuration is cross-validated
+    into ``RUN/<configuration>/`` and the best one or pair is chosen (:mod:`medseg.training.multiconfig`).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the work (:mod:`medseg.training.distributed`): each
     preprocesses its share of the cases, trains the folds ``folds[rank::world]`` alone (or, with ``ddp``, every
@@ -179,29 +203,34 @@ def run_crossval(
         progress: ``(fold, epoch_info)`` callback.
         device: device for the OOF predictions (default the training device).
         ddp: under torchrun, train each fold with all ranks (data-parallel) instead of one fold per rank.
+        oof_probabilities: keep the out-of-fold class probabilities (:func:`predict_out_of_fold`).
 
     Returns:
         The crossval summary (also written to ``crossval_summary.json``), on every rank.
 
     Raises:
-        ConfigError: a fold outside ``0 .. folds-1``.
+        ConfigError: a fold outside ``0 .. folds-1``; ``configuration: auto`` under torchrun.
         PeerFailure: under torchrun, another rank failed.
     """
     from medseg.training.distributed import coordinator
+    from medseg.training.multiconfig import crossval_configurations, is_multi_configuration
 
     folds = list(range(pipeline.folds)) if folds is None else [int(f) for f in folds]
     bad = [f for f in folds if not 0 <= f < pipeline.folds]
     if bad or not folds:
         raise ConfigError("--folds", folds, f"fold numbers between 0 and {pipeline.folds - 1}")
+    if is_multi_configuration(pipeline, device):
+        return crossval_configurations(pipeline, folds, resume=resume, retrain=retrain, progress=progress,
+                                       device=device)
     coord = coordinator()
     if coord is None:
         return _crossval(pipeline, folds, _OneProcess(), resume=resume, retrain=retrain, progress=progress,
-                         device=device, ddp=False)
+                         device=device, ddp=False, probs=oof_probabilities)
     from medseg.training.distributed import RunRanks
 
     with coord.guard():
         return _crossval(pipeline, folds, RunRanks(coord), resume=resume, retrain=retrain, progress=progress,
-                         device=device, ddp=ddp)
+                         device=device, ddp=ddp, probs=oof_probabilities)
 
 
 class _OneProcess:
@@ -241,7 +270,7 @@ def _result_entry(r: Any) -> dict[str, Any]:
 
 def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume: bool, retrain: bool,
               progress: Callable[[int, dict[str, Any]], None] | None, device: str | None,
-              ddp: bool) -> dict[str, Any]:
+              ddp: bool, probs: bool = False) -> dict[str, Any]:
     from medseg.metrics import compute_metrics, compute_region_metrics
     from medseg.runtime import resolve_device
 
@@ -261,7 +290,7 @@ def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume:
     # rank 0 gets every rank's training results and writes the model record of all finished folds
     training = ranks.after_training(run, folds, {f: _result_entry(r) for f, r in results.items()})
     for fold in ranks.oof_folds(folds):
-        predict_out_of_fold(run, fold, device=device)  # each rank its share of the OOF predictions (files)
+        predict_out_of_fold(run, fold, device=device, probabilities=probs)  # each rank its share of the OOF predictions (files)
     ranks.after_predictions(run, folds)
     if ranks.rank != 0:
         return ranks.finish(run, None)
@@ -278,7 +307,7 @@ def _crossval(pipeline: PipelineConfig, folds: list[int], ranks: Any, *, resume:
     pp_cases = []
     for fold in folds:
         fold_cases: dict[str, dict[int, dict[str, float]]] = {}
-        for cid, pred, ref, spacing in predict_out_of_fold(run, fold, device=device):
+        for cid, pred, ref, spacing in predict_out_of_fold(run, fold, device=device, probabilities=probs):
             fold_cases[cid] = (compute_region_metrics(pred, ref, spacing, regions, ignore=run.plan.ignore_value)
                                if regions else compute_metrics(pred, ref, spacing, labels, ignore=run.plan.ignore_value))
             fold_of[cid] = fold

@@ -66,7 +66,7 @@ def cache_root(pipeline: PipelineConfig) -> Path:
 
 
 def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = True,
-                preprocess: bool = True) -> RunData:
+                preprocess: bool = True, root: bool = False) -> RunData:
     """Load the manifest, make or reuse the plan and splits, fill the preprocess cache, write the run record.
 
     Args:
@@ -75,6 +75,9 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         write: write plan.json, splits.json, config.yaml, environment.json (False on DDP ranks > 0).
         preprocess: fill the cache (False: the caller does, e.g. each torchrun rank its share of the cases with
             ``preprocess_dataset(..., shard=(rank, world))``); ``cache_dir`` is the same either way.
+        root: the root of a run that trains every configuration of the plan (:mod:`medseg.training.multiconfig`):
+            plan.json, splits.json, config.yaml (``configuration: auto`` kept) and environment.json are written,
+            nothing is preprocessed; ``config`` is the plan's first configuration and ``cache_dir`` the cache root.
 
     Returns:
         The shared :class:`RunData`.
@@ -103,10 +106,11 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
     else:
         logger.info("planning %s for %s", manifest.name, device)
         plan = make_plan(fingerprint(manifest), device=device)
-    if p.configuration == "auto":  # no YAML: the plan's first configuration (3d_fullres for 3D data, else 2d)
+    if p.configuration == "auto" and not root:  # the plan's first configuration (3d_fullres for 3D data, else 2d)
         p = dataclasses.replace(p, configuration=next(iter(plan.configurations)))
         logger.info("configuration %s (the plan's first)", p.configuration)
-    config = resolve_configuration(plan, p)
+    config = resolve_configuration(plan, dataclasses.replace(p, configuration=next(iter(plan.configurations)))
+                                   if root else p)
     split_path = run_dir / "splits.json"
     if p.splits is not None and not split_path.is_file():
         splits = read_splits(p.splits)
@@ -122,7 +126,9 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
         if p.splits is not None and not split_path.is_file():
             write_json(split_path, splits)
     splits = load_or_create_splits(split_path, manifest, p.folds, p.seed) if write else read_splits(split_path)
-    if preprocess:
+    if root:
+        cache_dir = cache_root(p)
+    elif preprocess:
         cache_dir = Path(preprocess_dataset(manifest, plan, p.configuration, cache_root(p)))
     else:
         cache_dir = cache_folder(cache_root(p), plan, p.configuration)
