@@ -114,6 +114,7 @@ def lowres_run(tmp_path_factory):
     return tmp / "run", data, summary
 
 
+@pytest.mark.slow  # the 3d_lowres fixture trains two configurations: minutes on 2 cores
 def test_crossval_trains_every_planned_configuration_and_records_the_choice(lowres_run):
     import yaml
 
@@ -144,6 +145,7 @@ def test_crossval_trains_every_planned_configuration_and_records_the_choice(lowr
         load_model_record(run)
 
 
+@pytest.mark.slow  # the 3d_lowres fixture trains two configurations: minutes on 2 cores
 def test_predictor_follows_the_selection_record(lowres_run):
     from medseg.inference import Predictor
     from medseg.inference.ensemble import EnsemblePredictor
@@ -180,6 +182,7 @@ def test_predictor_follows_the_selection_record(lowres_run):
         write_selection(run, sel)
 
 
+@pytest.mark.slow  # the 3d_lowres fixture trains two configurations: minutes on 2 cores
 def test_export_model_packages_the_chosen_configuration(lowres_run, tmp_path, monkeypatch):
     import zipfile
 
@@ -244,11 +247,9 @@ def test_crossval_without_yaml_on_the_synthetic_sets(tmp_path, variant, short_re
     assert (run / "crossval_summary.json").is_file() and (run / "fold_0" / "checkpoint_best.pt").is_file()
 
 
-def test_train_without_yaml_trains_fold_k_of_every_configuration(tmp_path, short_recipe, lowres_run):
+def test_train_without_yaml_trains_fold_k(tmp_path, short_recipe):
     from medseg.cli.main import main
     from medseg.data.demo import make_demo_dataset
-    from medseg.inference import Predictor
-    from medseg.planning.selection import load_selection
     from medseg.training.fold import fold_is_finished
 
     # `medseg train --dataset DIR --fold K`: the demo plan (3d_fullres, 2d) trains its one 3D configuration in the
@@ -256,17 +257,26 @@ def test_train_without_yaml_trains_fold_k_of_every_configuration(tmp_path, short
     data = make_demo_dataset(tmp_path / "data", n_cases=8, seed=0)
     single = tmp_path / "single"
     assert main(["-q", "train", "--dataset", str(data), "--fold", "0", "--output", str(single), "--no-progress",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--epochs", "1"]) == 0
     assert fold_is_finished(single / "fold_0") and not (single / "2d").exists()
     assert json.loads((single / "model.json").read_text())["configuration"] == "3d_fullres"
-    # a plan with 3d_lowres: fold K of each 3D configuration, a provisional selection until crossval scores them
+
+
+@pytest.mark.slow
+def test_train_without_yaml_trains_fold_k_of_each_3d_configuration(tmp_path, short_recipe, lowres_run):
+    """A plan with 3d_lowres: fold K of each 3D configuration, a provisional selection until crossval scores them."""
+    from medseg.cli.main import main
+    from medseg.inference import Predictor
+    from medseg.planning.selection import load_selection
+    from medseg.training.fold import fold_is_finished
+
     _, lowres_data, _ = lowres_run
     run = tmp_path / "run"
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"dataset: {lowres_data}\noutput: {run}\nplan: {lowres_run[0] / 'plan.json'}\n"
-                   "configuration: auto\n")
-    assert main(["-q", "train", "--config", str(cfg), "--fold", "0", "--no-progress", "--device", "cpu",
-                 "--epochs", "1"]) == 0
+                   "configuration: auto\ntrain: {epochs: 1, batches_per_epoch: 2, max_minutes: 1, threads: 1, "
+                   "val_max_cases: 1}\n")
+    assert main(["-q", "train", "--config", str(cfg), "--fold", "0", "--no-progress", "--device", "cpu"]) == 0
     for name in ("3d_fullres", "3d_lowres"):
         assert fold_is_finished(run / name / "fold_0"), name
     sel = load_selection(run)
