@@ -108,7 +108,11 @@ def _row(args) -> dict:
     cases_s = time.perf_counter() - t0
     big_s = None
     if args.big:
-        pred.mirror_axes = ()
+        pred.mirror_axes = ()  # MONAI's row reads this; medseg's engine holds its own copy, which must agree
+        if hasattr(pred, "inferer"):
+            import dataclasses
+
+            pred.inferer = dataclasses.replace(pred.inferer, mirror_axes=())
         vol = np.random.default_rng(0).normal(size=(1, *args.big)).astype(np.float32)
         t0 = time.perf_counter()
         engine.predict_array(vol)

@@ -100,7 +100,8 @@ def lowres_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lowres")
     data = make_demo_dataset(tmp / "data", n_cases=8, seed=1)
     plan = make_plan(fingerprint(load_manifest(data)), device="cuda", memory_gb=0.02, memory_model="analytic")
-    assert list(plan.configurations) == ["3d_fullres", "3d_lowres", "2d"], plan.explain["configurations"]
+    assert list(plan.configurations) == ["3d_fullres", "3d_lowres", "3d_cascade_fullres", "2d"], \
+        plan.explain["configurations"]
     save_plan(plan, tmp / "plan.json")
     original = recipe.train_recipe
     recipe.train_recipe = lambda d, m: ({**original(d, m)[0], "batches_per_epoch": 2, "threads": 1},
@@ -123,7 +124,7 @@ def test_crossval_trains_every_planned_configuration_and_records_the_choice(lowr
     from medseg.planning.selection import load_selection
 
     run, _, summary = lowres_run
-    names = ["3d_fullres", "3d_lowres"]  # the plan's 3D configurations; 2d only when named
+    names = ["3d_fullres", "3d_lowres"]  # the plan's 3D configurations (no cascade: fold 0 only); 2d only when named
     for name in names:
         sub = run / name
         assert (sub / "fold_0" / "checkpoint_best.pt").is_file(), name

@@ -295,7 +295,16 @@ def test_lowres_for_big_volumes_and_none_for_small():
     assert np.prod(full.patch_size) < np.prod(full.median_shape) / 8
     assert all(lo > fu for lo, fu in zip(low.spacing, full.spacing))
     assert np.prod(low.patch_size) >= np.prod(low.median_shape) / 8 * 0.9
-    assert "planned" in big.explain["3d_lowres"] and "not implemented" in big.explain["3d_cascade_fullres"]
+    assert "planned" in big.explain["3d_lowres"]
+    cascade = big.configurations["3d_cascade_fullres"]  # nnU-Net's cascade: 3d_fullres plus the low-res prediction
+    assert cascade.previous_stage == "3d_lowres" and "planned with 3d_lowres" in big.explain["3d_cascade_fullres"]
+    assert (cascade.spacing, cascade.patch_size, cascade.network) == (full.spacing, full.patch_size, full.network)
+    assert cascade.network_in_channels(1, big.num_classes) == big.num_classes  # image + K-1 one-hot channels
+    assert big.data_configuration("3d_cascade_fullres") == "3d_fullres"  # trains on 3d_fullres's cache
+    assert list(big.configurations).index("3d_cascade_fullres") > list(big.configurations).index("3d_lowres")
+    again = type(big).from_dict(json.loads(json.dumps(big.to_dict())))
+    assert again.configurations["3d_cascade_fullres"].previous_stage == "3d_lowres"
+    assert "previous_stage" not in big.to_dict()["configurations"]["3d_fullres"]  # plans without one unchanged
     cpu = make_plan(_fp(shape=(512, 512, 300), n=20))
     assert "3d_lowres" in cpu.configurations
     small = make_plan(_fp())

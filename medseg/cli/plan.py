@@ -61,11 +61,13 @@ def format_plan(plan: Plan) -> str:
         net = cfg.network.kwargs
         sp = ["-" if s is None else f"{s:.3g}" for s in cfg.spacing]
         feats = net.get("features") or ["?"]
-        lines.append(f"{name:<13} spacing {' x '.join(sp)} mm | patch {_fmt(cfg.patch_size, 'd')} | "
+        head = name if len(name) < 13 else name + "\n" + " " * 13  # a long name gets its own line
+        lines.append(f"{head:<13} spacing {' x '.join(sp)} mm | patch {_fmt(cfg.patch_size, 'd')} | "
                      f"batch {cfg.batch_size} | pools/axis {_fmt(cfg.pools_per_axis, 'd')} | "
                      f"features {feats[0]}-{feats[-1]} ({len(feats)} stages) | mirror {cfg.mirror_axes}"
                      + (f" | slices across axis {cfg.slice_axis}" if cfg.slicewise else "")
-                     + (" | acquisition frame" if cfg.frame != "ras" else ""))
+                     + (" | acquisition frame" if cfg.frame != "ras" else "")
+                     + (f" | + {cfg.previous_stage} prediction as input" if cfg.previous_stage else ""))
     return "\n".join(lines)
 
 

@@ -177,6 +177,12 @@ class PatchLoader:
         num_batches: batches per epoch.
         augment_in_loader: apply ``augment_batch`` here on CPU; set False when the trainer augments on its GPU
             (then call ``augment_batch(..., loader.generator(epoch, device))`` there).
+        previous_dir: a cascade stage's previous-stage maps (``<case>.npy``, class indices on the cached case's
+            grid, :func:`medseg.training.cascade.prepare_previous_stage`). Each patch's map is cropped with it and
+            carried through augmentation as a second label channel, then moved into the image as one-hot channels
+            (:func:`medseg.transforms.cascade.attach_previous`; with ``augment_in_loader=False`` the batch keeps the
+            two label channels and the trainer attaches them after augmenting).
+        num_classes: classes of the plan (required with ``previous_dir``).
 
     Raises:
         InputError: a case is missing from the cache, or patch dims do not fit the cached data.
@@ -185,7 +191,8 @@ class PatchLoader:
     def __init__(self, cache_dir: str | Path, case_ids: list[str], *, patch_size: list[int] | tuple[int, ...],
                  batch_size: int, spatial_dims: int, oversample_foreground: float = 1 / 3,
                  augmentation: dict | None = None, seed: int = 0, fold: int = 0, num_workers: int = 0,
-                 num_batches: int = 250, augment_in_loader: bool = True, slice_axis: int | None = None):
+                 num_batches: int = 250, augment_in_loader: bool = True, slice_axis: int | None = None,
+                 previous_dir: str | Path | None = None, num_classes: int | None = None):
         self.cache_dir = Path(cache_dir)
         self.case_ids = list(case_ids)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -197,6 +204,10 @@ class PatchLoader:
         self.num_workers = int(num_workers)
         self.num_batches = int(num_batches)
         self.augment_in_loader = bool(augment_in_loader)
+        self.previous_dir = None if previous_dir is None else Path(previous_dir)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        if self.previous_dir is not None and self.num_classes is None:
+            raise ValueError("PatchLoader(previous_dir=...) needs num_classes")
         if not self.case_ids:
             raise InputError(self.cache_dir, "no cases given to the patch loader", "at least one case id")
         if len(self.patch_size) != self.spatial_dims:
@@ -214,6 +225,9 @@ class PatchLoader:
                 raise InputError(pj, f"case {cid!r} is missing from the preprocessed cache",
                                  "run `medseg preprocess` (or preprocess_dataset) for these cases first")
             self.props[cid] = json.loads(pj.read_text())
+            if self.previous_dir is not None and not (self.previous_dir / f"{cid}.npy").exists():
+                raise InputError(self.previous_dir / f"{cid}.npy", f"case {cid!r} has no previous-stage map",
+                                 "the previous stage's out-of-fold prediction of every case (train all its folds)")
         data_dims = len(self.props[self.case_ids[0]]["shape"])
         if self.spatial_dims == 2 and data_dims == 3:
             if slice_axis not in (0, 1, 2):
@@ -222,18 +236,27 @@ class PatchLoader:
             self.slice_axis = int(slice_axis)
         elif self.spatial_dims != data_dims:
             raise InputError(self.cache_dir, f"holds {data_dims}D cases", f"{self.spatial_dims}D patches")
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+
+    @property
+    def attaches_previous(self) -> bool:
+        """True when batches carry a previous stage's map (a cascade stage)."""
+        return self.previous_dir is not None
 
     # --------------------------------------------------------------- sampling
-    def _arrays_of(self, cid: str) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays_of(self, cid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if cid not in self._arrays:  # opened lazily, so each worker process maps its own
+            prev = (None if self.previous_dir is None else
+                    np.load(self.previous_dir / f"{cid}.npy", mmap_mode="r"))
             self._arrays[cid] = (np.load(self.cache_dir / f"{cid}.npy", mmap_mode="r"),
-                                 np.load(self.cache_dir / f"{cid}_seg.npy", mmap_mode="r"))
+                                 np.load(self.cache_dir / f"{cid}_seg.npy", mmap_mode="r"), prev)
         return self._arrays[cid]
 
     def _sample(self, rng: np.random.Generator, force_fg: bool) -> tuple[np.ndarray, np.ndarray]:
+        """One patch: the image crop, and the label crop (with a cascade stage's previous-stage map as a
+        second channel)."""
         cid = self.case_ids[int(rng.integers(len(self.case_ids)))]
-        img, seg = self._arrays_of(cid)
+        img, seg, prev = self._arrays_of(cid)
         center = None
         if force_fg:
             fg = {k: v for k, v in self.props[cid].get("foreground", {}).items() if v}
@@ -246,10 +269,14 @@ class PatchLoader:
             n = img.shape[1 + ax]
             s = int(center[ax]) if center is not None else int(rng.integers(n))
             img, seg = np.take(img, s, axis=1 + ax), np.take(seg, s, axis=1 + ax)
+            prev = None if prev is None else np.take(prev, s, axis=1 + ax)
             if center is not None:
                 center = np.delete(center, ax)
         lows = _crop_bounds(rng, img.shape[1:], self.patch_size, center)
-        return _crop(img, lows, self.patch_size), _crop(seg, lows, self.patch_size)
+        lab = _crop(seg, lows, self.patch_size)
+        if prev is not None:
+            lab = np.concatenate([lab, _crop(prev, lows, self.patch_size).astype(lab.dtype)], axis=0)
+        return _crop(img, lows, self.patch_size), lab
 
     def _batch(self, rng: np.random.Generator, gen: Any) -> dict[str, Any]:
         import torch
@@ -263,6 +290,12 @@ class PatchLoader:
 
             with single_threaded():  # the default chain and any ``extra`` transforms
                 image, label = augment_batch(image, label, self.augmentation, gen)
+        if self.previous_dir is not None and (self.augment_in_loader or self.augmentation is None):
+            from medseg.transforms.cascade import attach_previous
+
+            assert self.num_classes is not None
+            image, label = attach_previous(image, label, self.num_classes,
+                                           gen if self.augmentation is not None else None)
         return {"image": image, "label": label}
 
     def generator(self, epoch: int, device: Any = "cpu", worker: int = 0) -> Any:

@@ -46,17 +46,25 @@ def chosen_configuration(root: Path) -> Path:
     chose (``RUN/<configuration>``, a complete single-configuration run folder).
 
     Raises:
-        InputError: find-best chose an ensemble of two configurations (a package holds one configuration).
+        InputError: find-best chose an ensemble of two configurations, or a cascade stage (a package holds one
+            configuration).
     """
     from medseg.planning.selection import load_selection
 
     sel = load_selection(root)
-    if sel is None:
-        return root
-    if len(sel.chosen) != 1:
+    if sel is not None and len(sel.chosen) != 1:
         raise InputError(root / "model.json", f"chose the ensemble {'+'.join(sel.chosen)}, and a model package or "
                          "export holds one configuration", f"one configuration's folder, e.g. {root / sel.chosen[0]}")
-    return root / sel.chosen[0]
+    folder = root if sel is None else root / sel.chosen[0]
+    if (folder / "model.json").is_file():
+        from medseg.planning import load_model_record
+
+        stage = load_model_record(folder).config.previous_stage
+        if stage:
+            raise InputError(folder / "model.json", f"is a cascade stage that needs its {stage} stage first, and a "
+                             "model package or export holds one configuration",
+                             f"a single-stage configuration's folder, e.g. {folder.parent / stage}")
+    return folder
 
 
 @dataclass

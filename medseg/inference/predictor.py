@@ -23,7 +23,7 @@ from medseg.errors import ConfigError, InputError
 from medseg.inference.postprocess import PostprocessSetting, postprocess
 from medseg.inference.sliding_window import SlidingWindowInferer
 from medseg.io.volume import Volume
-from medseg.planning.record import ModelRecord, fold_dirs, load_model_record
+from medseg.planning.record import ModelRecord, fold_dirs, load_model_record, previous_stage_dir
 from medseg.runtime import (
     build_network,
     load_checkpoint,
@@ -129,6 +129,10 @@ class Predictor:
         device: where inference runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         options: :class:`InferenceOptions`.
         model_dir: the run folder the networks came from (None when built in memory).
+        previous: a cascade stage's previous stage (``3d_lowres``), built without post-processing: its prediction
+            of each input, brought into this plan space, enters the networks as one-hot channels
+            (:mod:`medseg.transforms.cascade`). Required exactly when the record's configuration has a
+            ``previous_stage``.
 
     Attributes:
         folds: the record's folds; inferer: the :class:`SlidingWindowInferer` every case runs through.
@@ -138,11 +142,15 @@ class Predictor:
 
     def __init__(self, networks: Sequence[nn.Module], record: ModelRecord, *,
                  device: str | torch.device | None = None, options: InferenceOptions | None = None,
-                 model_dir: str | Path | None = None):
+                 model_dir: str | Path | None = None, previous: Predictor | None = None):
         if not networks:
             raise ConfigError("networks", [], "at least one trained network")
         if len(networks) != len(record.folds):
             raise ConfigError("networks", f"{len(networks)} networks", f"one per fold of the record {record.folds}")
+        if bool(record.config.previous_stage) != (previous is not None):
+            raise ConfigError("previous", previous, f"the {record.config.previous_stage} Predictor of this cascade stage"
+                              if record.config.previous_stage else "None (not a cascade stage)")
+        self.previous = previous
         self.record = record
         self.plan = record.plan()
         self.config_name = record.configuration
@@ -237,7 +245,7 @@ class Predictor:
             path = _checkpoint_path(present[f], opts.checkpoint)
             ckpt = load_checkpoint(path)
             net = build_network(record.network.to_dict(), spatial_dims=record.config.network_dims,
-                                in_channels=record.in_channels, out_channels=record.out_channels)
+                                in_channels=record.network_in_channels, out_channels=record.out_channels)
             try:
                 net.load_state_dict(ckpt["state_dict"])
             except RuntimeError as exc:
@@ -246,7 +254,12 @@ class Predictor:
             networks.append(net)
             log.info("loaded fold %d from %s", f, path.name)
         record = dataclasses.replace(record, folds=chosen)
-        return cls(networks, record, device=dev, options=opts, model_dir=root)
+        previous = None
+        if record.config.previous_stage:  # a cascade stage: its previous stage's folds of the same numbers
+            previous = cls.from_run(previous_stage_dir(root, record.config.previous_stage), folds=chosen, device=dev,
+                                    **{**options, "postprocess": False})
+            log.info("cascade: %s first, then %s", previous.config_name, record.configuration)
+        return cls(networks, record, device=dev, options=opts, model_dir=root, previous=previous)
 
     # ------------------------------------------------------------------------------------------ predicting
     def predict(self, volume: Volume) -> Volume:
@@ -299,8 +312,16 @@ class Predictor:
         """
         from medseg.transforms.preprocess import preprocess_volume
 
-        image, _, props = preprocess_volume(volume, self.plan, self.config_name)
-        return PreparedCase(volume, image, props)
+        if self.previous is None:
+            image, _, props = preprocess_volume(volume, self.plan, self.config_name)
+            return PreparedCase(volume, image, props)
+        from medseg.transforms.cascade import one_hot_previous
+
+        first = self.previous.predict(volume)  # the previous stage's label map on the input grid
+        image, prev, props = preprocess_volume(volume, self.plan, self.config_name, label=first)
+        assert prev is not None
+        channels = one_hot_previous(prev[None], self.num_classes)[0].numpy()
+        return PreparedCase(volume, np.concatenate([image, channels.astype(image.dtype)], axis=0), props)
 
     def finish(self, prepared: PreparedCase, prob: torch.Tensor, *, probabilities: bool = False,
                uncertainty: bool = False) -> Prediction:
@@ -358,7 +379,7 @@ class Predictor:
         if self._needs_compile:
             from medseg.inference.compiled import compile_for_inference
 
-            shape = (self.batch_size, self.record.in_channels, *self.patch_size)
+            shape = (self.batch_size, self.record.network_in_channels, *self.patch_size)
             self.networks = [compile_for_inference(n, shape, self.device, self.amp_dtype) for n in self.networks]
             self._needs_compile = False
         image_t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)

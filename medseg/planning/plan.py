@@ -9,10 +9,10 @@ batch, sized so one bf16 training step of the small CPU network takes about a se
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import numpy as np
 
 from medseg.data.regions import Region
 from medseg.errors import ConfigError, InputError
-from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Normalization, Plan
+from medseg.planning.mirror import choose_mirror_axes
+from medseg.planning.normalization import choose_normalization
+from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Plan
 from medseg.planning.topology import Topology, pool_and_conv_props
 
 __all__ = ["make_plan", "save_plan", "load_plan", "plan_hash", "target_spacing", "estimate_training_memory",
@@ -46,10 +48,6 @@ GPU_MEMORY_MARGIN = 0.85
 COARSE_RATIO = 2.0
 #: Plan ``3d_lowres`` when the full-resolution patch covers less than this share of the median image.
 LOWRES_COVERAGE = 1 / 8
-#: Mirror-axis statistic (see :func:`_mirror_axes`).
-MIRROR_OFFSET, MIRROR_CONSISTENCY, MIRROR_MIN_CASES = 0.3, 0.8, 3
-#: A non-CT channel is z-scored inside its nonzero mask when its nonzero box keeps less than this share.
-NONZERO_CROP_FRACTION = 0.75
 #: Bytes of activation memory per (voxel x feature) in one training step with AMP (calibrated so that nnU-Net's
 #: default 128^3 x 2, 32-320 fits about 8 GB).
 BYTES_PER_ACTIVATION = 44.0
@@ -140,107 +138,6 @@ def _frame(spacings: np.ndarray) -> tuple[str, list[list[int]], str]:
            ", ".join(f"axis {a}: {n} cases" for a, n in counts.items()) +
            "): each case is planned in its acquisition frame, its coarse axis last")
     return "acquisition", perms, why
-
-
-_CT_NAME = re.compile(r"(CE|NC)?CTA?([ _-].*)?")
-
-
-def _hu_like(ranges: list[list[float]]) -> tuple[bool, str]:
-    """CT in Hounsfield units: air (about -1000, or -1024..-3024 padding) at the whole-image 0.5th percentile and
-    no value beyond 4100 at the 99.5th, in at least 80% of cases."""
-    ok = [-3100.0 <= lo <= -900.0 and hi <= 4100.0 for lo, hi in ranges]
-    frac = sum(ok) / max(1, len(ok))
-    lows = float(np.median([lo for lo, _ in ranges])) if ranges else float("nan")
-    highs = float(np.median([hi for _, hi in ranges])) if ranges else float("nan")
-    return frac >= 0.8, (f"whole-image 0.5/99.5 percentiles (median {lows:.0f} / {highs:.0f}) are HU-like "
-                         f"(air at -900..-3100, top <= 4100) in {100 * frac:.0f}% of cases")
-
-
-def _normalization(fp: dict[str, Any], c: int) -> tuple[Normalization, str]:
-    """Normalisation of channel ``c`` and the fact that decided it (see docs/planning.md)."""
-    st = fp["intensity"][c]
-    name = str(fp["modalities"][c]) if c < len(fp["modalities"]) else "unknown"
-    tags = [t for t in fp.get("dicom_modalities", []) if t] if c == 0 else []
-
-    def ct(why: str) -> tuple[Normalization, str]:
-        clip = [float(st["percentile_00_5"]), float(st["percentile_99_5"])]
-        return (Normalization("ct", float(st["mean"]), float(st["std"]), clip),
-                f"{why}: clip to the foreground 0.5-99.5 percentiles [{clip[0]:.4g}, {clip[1]:.4g}], then "
-                f"foreground mean {st['mean']:.4g} / std {st['std']:.4g}")
-
-    # "channel_0" is the manifest's placeholder for a channel that no dataset.json names
-    named = name.strip().lower() not in ("", "unknown") and not re.fullmatch(r"channel_\d+", name.strip())
-    if named and _CT_NAME.fullmatch(name.strip().upper()):
-        return ct(f"dataset.json names channel {c} {name!r}")
-    if not named and tags:
-        tag = max(set(tags), key=tags.count)
-        if tag == "CT":
-            return ct(f"DICOM Modality tag CT ({tags.count('CT')}/{len(tags)} cases)")
-        source = f"DICOM Modality tag {tag}"
-    elif named:
-        source = f"dataset.json names channel {c} {name!r} (not CT)"
-    else:
-        hu, how = _hu_like(fp["image_ranges"][c]) if fp.get("image_ranges") else (False, "no intensity ranges")
-        if hu:
-            return ct(f"no modality given; {how}")
-        source = f"no modality given and the intensities are not HU-like ({how})"
-    crop = fp.get("channel_crop_fraction", [fp.get("median_crop_fraction", 1.0)] * (c + 1))[c]
-    if crop < NONZERO_CROP_FRACTION:
-        return (Normalization("zscore_nonzero"),
-                f"{source}; cropping to its nonzero region keeps {100 * crop:.0f}% of the image (< "
-                f"{100 * NONZERO_CROP_FRACTION:.0f}%, a zero background such as skull-stripped brain MR): z-score "
-                f"per case inside the nonzero mask")
-    return (Normalization("zscore"), f"{source}; its nonzero region is {100 * crop:.0f}% of the image: z-score "
-                                     f"per case")
-
-
-def _mirror_axes(fp: dict[str, Any], perms: list[list[int]], names: list[str], dims: int) -> tuple[list[int], str]:
-    """Axes (of the plan frame) along which flipping keeps every label's meaning.
-
-    The statistic: per case and foreground class, the class centroid's offset from the centre of the
-    foreground's bounding box along each axis, in units of the box's half-extent (so in [-1, 1] whatever the case
-    size). An axis is *not* mirrored when some class sits on one fixed side of it: the median offset is at least
-    :data:`MIRROR_OFFSET` away from 0 and at least :data:`MIRROR_CONSISTENCY` of the cases holding the class put
-    it on that side. Flipping such an axis would move the class to where the data never has it (anterior and
-    posterior hippocampus, right and left kidney); a class centred on the axis, or on either side at random,
-    leaves it mirrored. The offset threshold (0.3: the centroid at least 15% of the box's width off its centre)
-    separates a side from the lean of an oblique structure: in MSD hippocampus the posterior part leans -0.24 of
-    the half-extent along RAS x in every case (flipping x gives the mirror-image hippocampus, its
-    anterior/posterior cue along y and z intact), while anterior sits at +0.55 along y and -0.45 along z. Robust
-    by construction: medians and sign shares, in box units, so neither case size nor a few odd cases move it. With fewer than :data:`MIRROR_MIN_CASES` cases holding a class the statistic is not
-    trusted for that class.
-    """
-    offsets = fp.get("class_offsets")
-    if not offsets:
-        return list(range(dims)), "no label statistics in the fingerprint: every axis mirrored"
-    kept, reasons = [], []
-    for a in range(dims):
-        worst = None
-        for k, name in enumerate(names):
-            o = np.array([case[k][perm[a]] for case, perm in zip(offsets, perms)
-                          if k < len(case) and case[k] is not None], dtype=float)
-            if o.size < MIRROR_MIN_CASES:
-                continue
-            med = float(np.median(o))
-            side = float(np.mean(np.sign(o) == np.sign(med)) * (abs(med) > 0))
-            score = (abs(med) >= MIRROR_OFFSET and side >= MIRROR_CONSISTENCY, abs(med), name, med, side, o.size)
-            if worst is None or score[:2] > worst[:2]:
-                worst = score
-        if worst is None:
-            reasons.append(f"axis {a} mirrored (no class in {MIRROR_MIN_CASES}+ cases)")
-            kept.append(a)
-        elif worst[0]:
-            _, _, name, med, side, n = worst
-            reasons.append(f"axis {a} NOT mirrored: {name!r} lies on the {'+' if med > 0 else '-'} side in "
-                           f"{100 * side:.0f}% of {n} cases (median offset {med:+.2f} of the foreground half-extent)")
-        else:
-            _, _, name, med, side, n = worst
-            why = (f"under {MIRROR_OFFSET:g}" if abs(med) < MIRROR_OFFSET else
-                   f"but on that side in only {100 * side:.0f}% of {n} cases")
-            reasons.append(f"axis {a} mirrored: no class clearly on one side (largest lean: {name!r}, median offset "
-                           f"{med:+.2f} {why})")
-            kept.append(a)
-    return kept, "; ".join(reasons)
 
 
 class _Sizer:
@@ -502,13 +399,13 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
 
     normalization = []
     for c in range(int(fingerprint["channels"])):
-        norm, why = _normalization(fingerprint, c)
+        norm, why = choose_normalization(fingerprint, c)
         normalization.append(norm)
         explain[f"normalization[{c}]"] = f"{norm.scheme}: {why}"
 
     model = "step" if memory_model == "auto" else memory_model
     sizer = _Sizer(device, gb, model, int(fingerprint["channels"]), len(values), dataset_voxels)
-    mirror, mirror_why = _mirror_axes(fingerprint, perms, [labels[k] for k in range(1, len(values))], dims)
+    mirror, mirror_why = choose_mirror_axes(fingerprint, perms, [labels[k] for k in range(1, len(values))], dims)
     explain["mirror_axes"] = f"{mirror}: {mirror_why}"
     configs: dict[str, Configuration] = {}
     if dims == 3:
@@ -520,8 +417,15 @@ def make_plan(fingerprint: dict[str, Any], *, device: str = "cpu", memory_gb: fl
                         for k, v in sorted(low_why.items(), key=lambda kv: kv[0] != "")})  # the summary first
         if low is not None:
             configs["3d_lowres"] = low
-            explain["3d_cascade_fullres"] = ("not planned: training a cascade (the 3d_lowres prediction as extra "
-                                             "input channels of 3d_fullres) is not implemented yet")
+            if fingerprint.get("regions"):
+                explain["3d_cascade_fullres"] = ("not planned: a cascade stage takes the 3d_lowres classes as one-hot "
+                                                 "input channels, and region outputs overlap")
+            else:  # nnU-Net's cascade: 3d_fullres's spacing, patch and network, plus the low-res prediction
+                configs["3d_cascade_fullres"] = dataclasses.replace(full, previous_stage="3d_lowres")
+                explain["3d_cascade_fullres"] = (
+                    f"planned with 3d_lowres: 3d_fullres's spacing, patch and network, with the 3d_lowres prediction "
+                    f"(upsampled, one-hot) as {len(values) - 1} extra input channel(s); trained when every fold "
+                    f"is cross-validated (it learns from 3d_lowres's out-of-fold predictions)")
         # 2D: slices across the coarsest axis (ties: the last, axial in RAS); that axis is not resampled
         tgt = np.asarray(target)
         slice_axis = int(np.flatnonzero(tgt == tgt.max())[-1])

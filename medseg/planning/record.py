@@ -24,7 +24,8 @@ from medseg.data.regions import Region
 from medseg.errors import InputError
 from medseg.planning.schema import SCHEMA_VERSION, Configuration, NetworkSpec, Normalization, Plan, _Reader
 
-__all__ = ["MODEL_RECORD", "ModelRecord", "load_model_record", "write_model_record", "fold_dirs"]
+__all__ = ["MODEL_RECORD", "ModelRecord", "load_model_record", "write_model_record", "fold_dirs",
+           "previous_stage_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ class ModelRecord:
     @property
     def network(self) -> NetworkSpec:
         return self.config.network
+
+    @property
+    def network_in_channels(self) -> int:
+        """The network's input channels: the image channels (plus the previous stage's one-hot classes in a
+        cascade stage, :meth:`Configuration.network_in_channels`)."""
+        return self.config.network_in_channels(self.in_channels, self.num_classes)
 
     def plan(self) -> Plan:
         """A one-configuration :class:`Plan` (the trained one), for preprocessing."""
@@ -161,6 +168,12 @@ class ModelRecord:
                    ignore_value=plan.ignore_value, regions=plan.regions,
                    pipeline=r.raw("pipeline", None),
                    plan_hash=r.raw("plan_hash", None), schema_version=version, restore=restore)
+
+
+def previous_stage_dir(run_dir: str | Path, previous_stage: str) -> Path:
+    """The run folder of a cascade stage's previous stage: ``run_dir``'s sibling ``<previous_stage>`` (the layout
+    of ``medseg crossval`` without ``--configuration``: ``RUN/3d_lowres`` beside ``RUN/3d_cascade_fullres``)."""
+    return Path(run_dir).resolve().parent / previous_stage
 
 
 def fold_dirs(run_dir: Path) -> dict[int, Path]:

@@ -172,6 +172,9 @@ class Configuration:
             voxel axes, every case alike) or ``"acquisition"`` (added in schema 2, default ``"ras"``: each case's
             RAS axes permuted by :func:`medseg.planning.plan.acquisition_permutation` of its own spacing, its
             coarse axis last; planned when the cases of a data set are coarse along different RAS axes).
+        previous_stage: a cascade stage's previous configuration (``3d_cascade_fullres``: ``"3d_lowres"``), whose
+            prediction, brought into this configuration's plan space, enters the network as one extra input channel
+            per foreground class (one-hot); None for every other configuration.
     """
 
     spacing: list[float | None]
@@ -185,15 +188,23 @@ class Configuration:
     pools_per_axis: list[int] = field(default_factory=list)
     estimated_memory_gb: float | None = None
     frame: str = "ras"
+    previous_stage: str | None = None
 
     @property
     def network_dims(self) -> int:
         """Spatial dimensions of the network: the number of patch axes (2 for slice-wise 3D data)."""
         return len(self.patch_size)
 
+    def network_in_channels(self, in_channels: int, num_classes: int) -> int:
+        """Input channels of this configuration's network: the image channels, plus one per foreground class of
+        the previous stage's prediction in a cascade stage."""
+        return int(in_channels) + (int(num_classes) - 1 if self.previous_stage else 0)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["network"] = self.network.to_dict()
+        if d["previous_stage"] is None:  # written only by cascade stages (older readers never see the key)
+            del d["previous_stage"]
         return d
 
     @classmethod
@@ -226,6 +237,7 @@ class Configuration:
             pools_per_axis=r.ints("pools_per_axis", []),
             estimated_memory_gb=r.float("estimated_memory_gb", None),
             frame=_frame_of(r),
+            previous_stage=r.str("previous_stage", None),
         )
 
 
@@ -301,6 +313,21 @@ class Plan:
         if name not in self.configurations:
             raise ConfigError("configuration", name, "one of " + ", ".join(sorted(self.configurations)))
         return self.configurations[name]
+
+    def data_configuration(self, name: str) -> str:
+        """The configuration whose preprocessed cache ``name`` trains on: ``name`` itself, except for a cascade
+        stage, which shares the cache of the configuration with its spacing and frame (``3d_fullres``).
+
+        Raises:
+            ConfigError: the plan has no such configuration.
+        """
+        conf = self.configuration(name)
+        if conf.previous_stage:
+            for other, c in self.configurations.items():
+                if (not c.previous_stage and c.spacing == conf.spacing and c.frame == conf.frame
+                        and c.slicewise == conf.slicewise and c.slice_axis == conf.slice_axis):
+                    return other
+        return name
 
     def with_configuration(self, name: str, conf: Configuration) -> Plan:
         """A copy holding only ``name`` = ``conf`` (what a trained model's record keeps)."""

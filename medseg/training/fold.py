@@ -128,10 +128,10 @@ def prepare_run(pipeline: PipelineConfig, *, device: str = "cpu", write: bool = 
     splits = load_or_create_splits(split_path, manifest, p.folds, p.seed) if write else read_splits(split_path)
     if root:
         cache_dir = cache_root(p)
-    elif preprocess:
-        cache_dir = Path(preprocess_dataset(manifest, plan, p.configuration, cache_root(p)))
+    elif preprocess:  # a cascade stage trains on the cache of the configuration it shares the spacing with
+        cache_dir = Path(preprocess_dataset(manifest, plan, plan.data_configuration(p.configuration), cache_root(p)))
     else:
-        cache_dir = cache_folder(cache_root(p), plan, p.configuration)
+        cache_dir = cache_folder(cache_root(p), plan, plan.data_configuration(p.configuration))
     if write:
         write_yaml(run_dir / "config.yaml", p.to_dict())
         write_json(run_dir / "environment.json", environment({
@@ -278,7 +278,8 @@ def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
 
     def build(kw: dict[str, Any]) -> Any:
         return build_network({"name": spec.name, "kwargs": kw}, spatial_dims=run.config.network_dims,
-                             in_channels=run.plan.in_channels, out_channels=run.plan.out_channels)
+                             in_channels=run.config.network_in_channels(run.plan.in_channels, run.plan.num_classes),
+                             out_channels=run.plan.out_channels)
 
     try:
         net = build(kwargs)
@@ -289,6 +290,17 @@ def _network(run: RunData) -> tuple[Any, dict[str, Any], bool]:
         kwargs["deep_supervision"] = False
         net = build(kwargs)
     return net, model_spec(net), bool(kwargs.get("deep_supervision", False))
+
+
+def _val_image(cache_dir: Path, cid: str, previous_dir: Path | None, num_classes: int) -> np.ndarray:
+    """A validation case's plan-space image (with a cascade stage's previous-stage channels attached)."""
+    image = np.load(cache_dir / f"{cid}.npy")
+    if previous_dir is None:
+        return image
+    from medseg.transforms.cascade import one_hot_previous
+
+    prev = one_hot_previous(np.load(previous_dir / f"{cid}.npy")[None], num_classes)[0].numpy()
+    return np.concatenate([image, prev.astype(image.dtype)], axis=0)
 
 
 def _class_counts(cache_dir: Path, case_ids: list[str], num_classes: int) -> list[float]:
@@ -310,12 +322,17 @@ def _device_augmented(loader: Any, device: Any) -> Callable[[int], Any]:
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             image, label = augment_batch(image, label, loader.augmentation, gen)
+            if loader.attaches_previous:  # a cascade stage: the previous stage's map into the image, perturbed
+                from medseg.transforms.cascade import attach_previous
+
+                image, label = attach_previous(image, label, loader.num_classes, gen)
             yield {"image": image, "label": label}
 
     return batches
 
 
-def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_loader: bool = True) -> Any:
+def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_loader: bool = True,
+            previous_dir: Path | None = None) -> Any:
     from medseg.data.loader import PatchLoader
 
     cfg = run.pipeline.train
@@ -327,7 +344,8 @@ def _loader(run: RunData, case_ids: list[str], seed: int, fold: int, augment_in_
         run.cache_dir, case_ids, patch_size=conf.patch_size, batch_size=conf.batch_size,
         spatial_dims=conf.network_dims, slice_axis=conf.slice_axis if conf.slicewise else None,
         oversample_foreground=cfg.oversample_foreground, augmentation=augmentation, seed=seed, fold=fold,
-        num_workers=cfg.num_workers, num_batches=cfg.batches_per_epoch, augment_in_loader=augment_in_loader)
+        num_workers=cfg.num_workers, num_batches=cfg.batches_per_epoch, augment_in_loader=augment_in_loader,
+        previous_dir=previous_dir, num_classes=run.plan.num_classes)
 
 
 def train_fold(
@@ -397,7 +415,15 @@ def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Cal
                          "a split of labelled cases")
     seed = pipeline.seed if rank == 0 else int(np.random.SeedSequence([pipeline.seed, rank]).generate_state(1)[0])
     on_gpu = device.type == "cuda" and cfg.augmentation is not None
-    loader = _loader(run, train_ids, seed, fold, augment_in_loader=not on_gpu)
+    previous_dir = None
+    if run.config.previous_stage:  # a cascade stage: the previous stage's out-of-fold maps in this plan space
+        from medseg.training.cascade import PREVIOUS_STAGE_FOLDER, prepare_previous_stage
+
+        if rank == 0:
+            prepare_previous_stage(run)
+        _barrier()
+        previous_dir = run.run_dir / PREVIOUS_STAGE_FOLDER
+    loader = _loader(run, train_ids, seed, fold, augment_in_loader=not on_gpu, previous_dir=previous_dir)
     train_batches = _device_augmented(loader, device) if on_gpu else loader.epoch
     torch.manual_seed(int(np.random.SeedSequence([pipeline.seed, fold]).generate_state(1)[0]))
     net, spec, deep_sup = _network(run)
@@ -407,7 +433,7 @@ def _train_fold(pipeline: PipelineConfig, fold: int, resume: bool, progress: Cal
                       options=cfg.loss_options, ignore_index=run.plan.ignore_index,
                       regions=run.plan.region_classes() or None)
     val_cases = [] if rank != 0 else [
-        ValCase(cid, np.load(run.cache_dir / f"{cid}.npy"), np.load(run.cache_dir / f"{cid}_seg.npy"))
+        ValCase(cid, _val_image(run.cache_dir, cid, previous_dir, k), np.load(run.cache_dir / f"{cid}_seg.npy"))
         for cid in val_ids[: cfg.val_max_cases or None]]
     conf = run.config
     fold_dir = run.run_dir / f"fold_{fold}"

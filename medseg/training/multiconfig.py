@@ -33,8 +33,8 @@ from medseg.errors import ConfigError
 from medseg.planning.selection import Selection, candidate_name, load_selection, write_selection
 from medseg.training.config import PipelineConfig
 
-__all__ = ["BUDGET_RULE", "auto_configurations", "is_multi_configuration", "configuration_pipelines", "crossval_configurations",
-           "train_configurations"]
+__all__ = ["BUDGET_RULE", "auto_configurations", "is_multi_configuration", "configuration_pipelines",
+           "crossval_configurations", "train_configurations"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,9 @@ def _plan(pipeline: PipelineConfig, device: str | None) -> Any:
 
 def auto_configurations(plan: Any) -> list[str]:
     """The configurations that ``configuration: auto`` trains: the plan's 3D ones (``3d_fullres``, and
-    ``3d_lowres`` where the planner found the full-resolution patch too small for the images), or the plan's
-    first alone for 2D data and for region-based plans (choosing between sigmoid region outputs is not done here).
+    ``3d_lowres`` with its cascade stage ``3d_cascade_fullres`` where the planner found the full-resolution patch
+    too small for the images; the cascade only when every fold is cross-validated), or the plan's first alone for
+    2D data and for region-based plans (choosing between sigmoid region outputs is not done here).
 
     ``2d`` is trained only when named (``--configuration 2d``): with a time budget every extra configuration
     takes minutes from the 3D network, and on the demo set (one epoch each) 2d scored 0.216 and the pair 0.385
@@ -101,6 +102,19 @@ def auto_configurations(plan: Any) -> list[str]:
     if not names or getattr(plan, "regions", None):
         return list(plan.configurations)[:1]
     return names
+
+
+def _without_cascade(plan: Any, names: list[str], folds: Sequence[int] | None, n_folds: int) -> list[str]:
+    """``names`` without cascade stages unless ``folds`` is every fold: a cascade stage trains on its previous
+    stage's out-of-fold predictions of every case (:mod:`medseg.training.cascade`)."""
+    if folds is not None and sorted(set(folds)) == list(range(n_folds)):
+        return names
+    stages = [n for n in names if plan.configuration(n).previous_stage]
+    for n in stages:
+        logger.info("%s is not trained: a cascade stage learns from %s's out-of-fold predictions of every case, and "
+                    "folds %s are not all %d folds", n, plan.configuration(n).previous_stage,
+                    "-" if folds is None else list(folds), n_folds)
+    return [n for n in names if n not in stages]
 
 
 def is_multi_configuration(pipeline: PipelineConfig, device: str | None = None) -> bool:
@@ -165,7 +179,7 @@ def train_configurations(pipeline: PipelineConfig, fold: int, *, resume: bool = 
 
     _no_torchrun()
     root = _root(pipeline, None)
-    names = auto_configurations(root.plan)
+    names = _without_cascade(root.plan, auto_configurations(root.plan), None, pipeline.folds)
     results = {}
     for name, sub in configuration_pipelines(pipeline, names).items():
         logger.info("configuration %s, fold %d (%s minutes)", name, fold, sub.train.max_minutes)
@@ -199,7 +213,7 @@ def crossval_configurations(pipeline: PipelineConfig, folds: Sequence[int], *, r
 
     _no_torchrun()
     root = _root(pipeline, device)
-    names = auto_configurations(root.plan)
+    names = _without_cascade(root.plan, auto_configurations(root.plan), folds, pipeline.folds)
     subs = configuration_pipelines(pipeline, names)
     summaries = {}
     for name, sub in subs.items():
