@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.data.regions import Region, parse_regions, region_label_names
+from medseg.data.dataset_json import check_declared_types, labels_and_channels, read_dataset_json
+from medseg.data.regions import Region, parse_regions
 from medseg.errors import InputError
 from medseg.io.registry import IMAGE_SUFFIXES, PLANAR_SUFFIXES, split_suffix
 
@@ -185,8 +186,8 @@ def _load(path: Path, patient_regex: str | None, file_ending: str | None) -> Man
         return _finish(_from_csv(path / "manifest.csv"), regex, "CSV")
     ds_json = path / "dataset.json"
     if ds_json.is_file():
-        meta = _read_json(ds_json)
-        _check_declared_types(meta, ds_json)
+        meta = read_dataset_json(ds_json)
+        check_declared_types(meta, ds_json)
         lists_cases = isinstance(meta.get("training"), list) and bool(meta["training"])
         if not lists_cases and ("channel_names" in meta or "file_ending" in meta):
             return _finish(_from_nnunet(path, meta, file_ending), regex, "nnU-Net")
@@ -257,8 +258,8 @@ def _from_csv(csv_path: Path) -> tuple[Manifest, bool]:
             if not p.exists():
                 problems.append(f"{p}: listed for case {cid} in {csv_path.name} but missing; expected the file to exist")
         cases.append(Case(cid, row.get("patient_id", ""), images, label))
-    meta = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
-    labels, channels = _labels_and_channels(meta, root / "dataset.json")
+    meta = read_dataset_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+    labels, channels = labels_and_channels(meta, root / "dataset.json")
     name = str(meta.get("name", root.name))
     has_patients = "patient_id" in columns
     man = Manifest(root, name, cases, labels, channels, _dims_from(meta, cases), problems)
@@ -296,7 +297,7 @@ def _from_msd(root: Path, meta: dict) -> tuple[Manifest, bool]:
     if not cases:
         raise InputError(ds_json, "lists no cases in 'training' (an empty list)",
                          "one {\"image\": ..., \"label\": ...} entry per training case")
-    labels, channels = _labels_and_channels(meta, ds_json)
+    labels, channels = labels_and_channels(meta, ds_json)
     man = Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, _dims_from(meta, cases), problems)
     man.dataset_json, man.declared = ds_json, meta
     return man, False
@@ -307,7 +308,7 @@ def _from_nnunet(root: Path, meta: dict, file_ending: str | None) -> tuple[Manif
     ending = file_ending or meta.get("file_ending")
     if not ending:
         raise InputError(ds_json, "has no 'file_ending'", "e.g. \"file_ending\": \".nii.gz\"")
-    labels, channels = _labels_and_channels(meta, ds_json)
+    labels, channels = labels_and_channels(meta, ds_json)
     n_ch = max(len(channels), 1)
     img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
     if not img_dir.is_dir():
@@ -377,8 +378,8 @@ def _from_folders(root: Path, img_dir: Path, lab_dir: Path, file_ending: str | N
     for cid, p in sorted(labels.items()):
         problems.append(f"{p}: label of case {cid} has no image (unpaired label); "
                         f"expected {img_dir / (cid + split_ending(p.name)[1])}")
-    meta = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
-    lab_names, channels = _labels_and_channels(meta, root / "dataset.json")
+    meta = read_dataset_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+    lab_names, channels = labels_and_channels(meta, root / "dataset.json")
     if not channels:
         n_ch = max(len(c.images) for c in cases)
         channels = {i: f"channel_{i}" for i in range(n_ch)}
@@ -396,9 +397,9 @@ def _from_dicom_folders(root: Path) -> tuple[Manifest, bool] | None:
     found = dicom_folder_cases(root)
     if found is None:
         return None
-    meta = _read_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
+    meta = read_dataset_json(root / "dataset.json") if (root / "dataset.json").is_file() else {}
     cases = [Case(cid, "", [image], label) for cid, image, label in found]
-    labels, channels = _labels_and_channels(meta, root / "dataset.json")
+    labels, channels = labels_and_channels(meta, root / "dataset.json")
     return Manifest(root, str(meta.get("name", root.name)), cases, labels, channels, 3, []), False
 
 
@@ -490,83 +491,6 @@ def _image_files(folder: Path, file_ending: str | None = None) -> list[Path]:
         elif split_ending(p.name)[1]:
             out.append(p)
     return out
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc})", "a dataset.json file") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "does not hold a JSON object", "a dataset.json object")
-    return data
-
-
-#: dataset.json keys medseg reads, with the JSON type each must have.
-_DECLARED_TYPES = {"labels": (dict, "an object such as {\"0\": \"background\", \"1\": \"tumour\"}"),
-                   "channel_names": (dict, "an object such as {\"0\": \"CT\"}"),
-                   "modality": (dict, "an object such as {\"0\": \"CT\"}"),
-                   "training": (list, "a list of {\"image\": ..., \"label\": ...} entries"),
-                   "file_ending": (str, "a string such as \".nii.gz\""),
-                   "numTraining": (int, "an integer number of training cases"),
-                   "name": ((str, int), "a string"),
-                   "ignore": (int, "an integer label value such as 3 (the highest label value)")}
-
-
-def _check_declared_types(meta: dict, where: Path) -> None:
-    """Each key medseg reads from a dataset.json has its JSON type (one line naming key, value and type)."""
-    for key, (types, expected) in _DECLARED_TYPES.items():
-        value = meta.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, types) or (types is int and isinstance(value, bool)):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise InputError(where, f"'{key}' is {shown} ({_json_type(value)})", expected)
-
-
-def _json_type(value: object) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _labels_and_channels(meta: dict, where: Path) -> tuple[dict[int, str], dict[int, str]]:
-    """MSD labels are ``{"0": "background"}``; nnU-Net v2 labels are ``{"background": 0}``; nnU-Net v2 regions
-    (a list of values per name) name the values they use (:func:`medseg.data.regions.region_label_names`)."""
-    _check_declared_types(meta, where)
-    labels: dict[int, str] = {}
-    regions = parse_regions(meta, where)
-    entries = ({n: v for v, n in region_label_names(regions).items()} if regions is not None
-               else meta.get("labels") or {})
-    if regions is not None:  # a label named "ignore" next to the regions: the ignore label (_take_ignore_label)
-        entries.update({k: v for k, v in meta["labels"].items() if str(k).strip().lower() == "ignore"})
-    for k, v in entries.items():
-        try:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                if float(v) != int(v):
-                    raise ValueError
-                value, name = int(v), str(k)
-            elif isinstance(v, (dict, bool)) or v is None:
-                raise ValueError
-            else:
-                value, name = int(k), str(v)
-        except (ValueError, OverflowError):
-            raise InputError(where, f"label entry {k!r}: {v!r} has no integer value",
-                             "labels as {\"0\": \"background\", ...} or {\"background\": 0, ...}") from None
-        if value < 0:
-            raise InputError(where, f"label {name!r} has the negative value {value}", "label values >= 0")
-        if value in labels:
-            raise InputError(where, f"labels {labels[value]!r} and {name!r} share the value {value}",
-                             "one name per label value")
-        labels[value] = name
-    chans_src = meta.get("channel_names") or meta.get("modality") or {}
-    try:
-        channels = {int(k): str(v) for k, v in chans_src.items()}
-        if any(k < 0 for k in channels):
-            raise ValueError
-    except (ValueError, AttributeError):
-        raise InputError(where, f"channel names {chans_src!r} are not keyed by channel index",
-                         "{\"0\": \"CT\", ...}") from None
-    return dict(sorted(labels.items())), dict(sorted(channels.items()))
 
 
 def _take_ignore_label(man: Manifest) -> None:
