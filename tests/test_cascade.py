@@ -185,3 +185,42 @@ def test_cascade_stage_is_not_packaged_alone(cascade_run, tmp_path):
     stage = cascade_run[0] / "run" / "3d_cascade_fullres"
     assert main(["-q", "export-model", str(stage), "-o", str(tmp_path / "m.zip")]) != 0
     assert not (tmp_path / "m.zip").exists()
+
+
+@pytest.mark.slow  # three configurations x two folds: about two minutes on 2 cores
+def test_crossval_without_a_configuration_trains_the_cascade_when_every_fold_runs(tmp_path):
+    """No configuration named, every fold run: 3d_fullres, 3d_lowres and the cascade are trained (in that order),
+    find-best scores the cascade alone and in pairs, and the chosen candidate predicts through the selection."""
+    import medseg.training.recipe as recipe
+    from medseg.data.demo import make_demo_dataset
+    from medseg.data.manifest import load_manifest
+    from medseg.inference import Predictor
+    from medseg.planning import fingerprint, make_plan, save_plan
+    from medseg.planning.selection import load_selection
+    from medseg.training.config import load_pipeline
+    from medseg.training.crossval import run_crossval
+    from medseg.transforms.case import load_case
+
+    data = make_demo_dataset(tmp_path / "data", n_cases=6, seed=1)
+    plan = make_plan(fingerprint(load_manifest(data)), device="cuda", memory_gb=0.02, memory_model="analytic")
+    save_plan(plan, tmp_path / "plan.json")
+    original = recipe.train_recipe
+    recipe.train_recipe = lambda d, m: ({**original(d, m)[0], "batches_per_epoch": 2, "threads": 1},
+                                        original(d, m)[1])
+    try:
+        pipeline = load_pipeline(None, {"dataset": str(data), "output": str(tmp_path / "run"), "folds": 2,
+                                        "plan": str(tmp_path / "plan.json"),
+                                        "train": {"epochs": 1, "device": "cpu", "max_minutes": 3}})
+        summary = run_crossval(pipeline, [0, 1], device="cpu")
+    finally:
+        recipe.train_recipe = original
+    sel = load_selection(tmp_path / "run")
+    names = ["3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+    assert sel is not None and sel.members == names
+    assert {"3d_cascade_fullres", "3d_lowres+3d_cascade_fullres", "3d_fullres+3d_cascade_fullres"} <= set(sel.candidates)
+    assert sel.budget["minutes"] == {n: pytest.approx(1.0) for n in names}
+    assert summary["chosen"] == "+".join(sel.chosen)
+    pred = Predictor.from_run(tmp_path / "run", device="cpu")
+    vol, _ = load_case(sorted((data / "imagesTr").glob("*.nii.gz"))[:1])
+    out = pred.predict(vol)
+    assert out.array.shape[1:] == vol.array.shape[1:]

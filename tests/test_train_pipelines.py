@@ -67,6 +67,17 @@ def test_bad_train_option_names_the_key(key, value, match):
         pipeline_from_dict({"name": "x", "dataset": "/d", "train": {key: value}})
 
 
+def test_a_yaml_without_a_name_is_named_after_its_file(tmp_path):
+    """A minimal YAML (the data set and a budget) runs as `runs/<file name>`, like the shipped pipelines/NAME.yaml."""
+    cfg = tmp_path / "liver_ct.yaml"
+    cfg.write_text("dataset: data\ntrain: {max_minutes: 20}\n")
+    p = load_pipeline(cfg)
+    assert p.name == "liver_ct" and p.output == Path("runs/liver_ct") and p.dataset == tmp_path / "data"
+    named = tmp_path / "other.yaml"
+    named.write_text("name: kept\ndataset: data\n")
+    assert load_pipeline(named).name == "kept"
+
+
 def _hc18_names() -> list[str]:
     root = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hc18" / "training_set"
     if root.is_dir():

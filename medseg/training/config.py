@@ -1,7 +1,7 @@
 """Pipeline configuration: a YAML file of plain data read into two small dataclasses.
 
 ```yaml
-name: hippocampus_3d
+name: hippocampus_3d                       # default: the YAML file's name (here hippocampus_3d)
 dataset: ../shared/data/hippocampus      # relative paths are relative to the YAML file's folder
 patient_regex: null                       # e.g. "^(\\d+)_" to group HC18 images by subject
 configuration: 3d_fullres
@@ -339,6 +339,7 @@ def load_pipeline(path: str | Path | None, overrides: dict[str, Any] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(str(path), f"a YAML {type(loaded).__name__}", "a YAML mapping of pipeline options (name: ...)")
         data = dict(loaded or {})
+        data.setdefault("name", path.stem)  # a run is named by its config (runs/NAME), as pipelines/NAME.yaml
         base, where = path.resolve().parent, str(path)
     if data.get("train") is not None and not isinstance(data["train"], dict):
         raise ConfigError(f"{where}: train", data["train"], "a mapping of training options")
