@@ -315,13 +315,12 @@ class Predictor:
         if self.previous is None:
             image, _, props = preprocess_volume(volume, self.plan, self.config_name)
             return PreparedCase(volume, image, props)
-        from medseg.transforms.cascade import one_hot_previous
+        from medseg.transforms.cascade import stack_previous
 
         first = self.previous.predict(volume)  # the previous stage's label map on the input grid
         image, prev, props = preprocess_volume(volume, self.plan, self.config_name, label=first)
         assert prev is not None
-        channels = one_hot_previous(prev[None], self.num_classes)[0].numpy()
-        return PreparedCase(volume, np.concatenate([image, channels.astype(image.dtype)], axis=0), props)
+        return PreparedCase(volume, stack_previous(image, prev, self.num_classes), props)
 
     def finish(self, prepared: PreparedCase, prob: torch.Tensor, *, probabilities: bool = False,
                uncertainty: bool = False) -> Prediction:

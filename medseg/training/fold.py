@@ -297,10 +297,9 @@ def _val_image(cache_dir: Path, cid: str, previous_dir: Path | None, num_classes
     image = np.load(cache_dir / f"{cid}.npy")
     if previous_dir is None:
         return image
-    from medseg.transforms.cascade import one_hot_previous
+    from medseg.transforms.cascade import stack_previous
 
-    prev = one_hot_previous(np.load(previous_dir / f"{cid}.npy")[None], num_classes)[0].numpy()
-    return np.concatenate([image, prev.astype(image.dtype)], axis=0)
+    return stack_previous(image, np.load(previous_dir / f"{cid}.npy"), num_classes)
 
 
 def _class_counts(cache_dir: Path, case_ids: list[str], num_classes: int) -> list[float]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["one_hot_previous", "attach_previous", "perturb_previous", "P_BINARY_OPERATOR", "P_REMOVE_COMPONENT"]
+__all__ = ["one_hot_previous", "stack_previous", "attach_previous", "perturb_previous", "P_BINARY_OPERATOR", "P_REMOVE_COMPONENT"]
 
 #: Per-sample probability of a random binary operator on the previous stage's channels (nnU-Net: 0.4).
 P_BINARY_OPERATOR = 0.4
@@ -37,6 +37,13 @@ def one_hot_previous(prev: torch.Tensor | np.ndarray, num_classes: int) -> torch
     t = torch.as_tensor(prev)
     classes = torch.arange(1, int(num_classes), device=t.device).view(1, -1, *([1] * (t.ndim - 2)))
     return (t == classes).to(torch.float32)
+
+
+def stack_previous(image: np.ndarray, previous: np.ndarray, num_classes: int) -> np.ndarray:
+    """One case's plan-space ``image (C, *s)`` with the previous stage's class map ``(1, *s)`` appended as K-1
+    one-hot channels (unperturbed: validation and inference)."""
+    channels = one_hot_previous(np.asarray(previous)[None], num_classes)[0].numpy()
+    return np.concatenate([image, channels.astype(image.dtype)], axis=0)
 
 
 def _morph(x: torch.Tensor, radius: int, op: str) -> torch.Tensor:
